@@ -1,0 +1,42 @@
+"""GLM-4.5 / GLM-4.6 MoE (``glm4_moe``).
+
+Differs from DeepSeek-V3, its nearest relative:
+- plain GQA attention (no MLA) with q/k/v biases and per-head qk RMSNorm;
+- partial rotary (half of each head rotates), split-halves RoPE, no YaRN;
+- sigmoid routing with correction bias, but n_group 1 in the release (stress variant groups);
+- RMSNorm epsilon 1e-5.
+"""
+
+from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+from moe_conformance import ArchSpec, Capabilities, Variant
+from moe_conformance.convert import deepseek_style
+from moe_conformance.modeling import MoETransformer, from_hf
+
+# Released GLM-4.5 settings, scaled down: sizes pairwise distinct (hidden 64, dense 96,
+# expert 40, head 24), 12 experts top-3, routed scaling 2.5, first layer dense, untied head.
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+    n_routed_experts=12, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+    routed_scaling_factor=2.5, norm_topk_prob=True, n_group=1, topk_group=1,
+    attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5, rms_norm_eps=1e-5,
+    max_position_embeddings=64, tie_word_embeddings=False,
+)
+COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "shared_experts",
+          "partial_rotary", "qk_norm", "attention_bias", "norm_eps"}
+
+ARCH = ArchSpec(
+    name="glm4_moe",
+    description=__doc__,
+    variants=(
+        Variant("faithful", lambda: Glm4MoeConfig(**TINY), frozenset(COMMON)),
+        Variant("grouped", lambda: Glm4MoeConfig(**{**TINY, "n_group": 4, "topk_group": 2}),
+                frozenset(COMMON | {"group_limit"}), "group-limited routing, which the code supports"),
+    ),
+    reference=Glm4MoeForCausalLM,
+    candidate=lambda config: MoETransformer(from_hf(config, attention="gqa", router_scoring="sigmoid")),
+    converter=deepseek_style("gqa"),
+    capabilities=Capabilities(router_scoring="sigmoid", attention="gqa", correction_bias=True,
+                              group_limited_routing=True, shared_experts=True),
+)

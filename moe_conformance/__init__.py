@@ -1,0 +1,10 @@
+"""moe-conformance: a pytest conformance suite for Mixture-of-Experts implementations.
+
+Importing this package is cheap (no torch): the pytest plugin imports it at start-up.
+Arch plugins declare an ``ArchSpec``; see archs/ for examples.
+"""
+
+from .spec import ArchSpec, Capabilities, ExpectedFailure, SpecError, Variant
+
+__all__ = ["ArchSpec", "Capabilities", "ExpectedFailure", "SpecError", "Variant"]
+__version__ = "0.1.0"

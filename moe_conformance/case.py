@@ -1,0 +1,144 @@
+"""One (arch, variant) under test: its config, adversarial reference weights, the on-disk
+checkpoint, and fresh reference/candidate models built from them.
+
+Everything is derived deterministically from (seed, arch, variant), so a case builds the same
+tensors in any process and any test order: serial and pytest-xdist runs give the same figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import zlib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .spec import ArchSpec
+from .tiny import adversarial_init_, make_batches
+
+
+def eager(config: Any) -> Any:
+    """The reference runs transformers' plain paths: eager attention and eager experts."""
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint folder (never unpickles anything)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+class ArchCase:
+    def __init__(self, spec: ArchSpec, variant: str, seed: int = 0, device: str = "cpu"):
+        self.spec = spec
+        self.variant = spec.variant(variant)
+        self.seed = seed
+        self.device = torch.device(device)
+        self.case_seed = zlib.crc32(f"{seed}/{spec.name}/{variant}".encode())
+
+    @property
+    def id(self) -> str:
+        return f"{self.spec.name}-{self.variant.name}"
+
+    # ---- configs
+    def new_config(self) -> Any:
+        return eager(self.variant.config())
+
+    @cached_property
+    def config(self) -> Any:
+        return self.new_config()
+
+    @cached_property
+    def model_config(self) -> Any:
+        return self.spec.model_config(self.config)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
+    # ---- weights
+    @cached_property
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        torch.manual_seed(self.case_seed)
+        model = self.spec.reference(copy.deepcopy(self.config))
+        adversarial_init_(model, self.case_seed)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def reference(self, config: Any = None, state: dict[str, torch.Tensor] | None = None, strict: bool = True):
+        """A fresh fp32 reference model on the case's device, in eval mode."""
+        torch.manual_seed(self.case_seed)
+        model = self.spec.reference(copy.deepcopy(config or self.config))
+        model.load_state_dict(state if state is not None else self.reference_state, strict=strict)
+        return model.to(self.device).eval()
+
+    def save_reference(self, folder: Path, model=None) -> Path:
+        """The reference's own save_pretrained (safetensors), renamed to the released on-disk
+        naming when the converter declares a disk prefix."""
+        model = model or self.reference()
+        model.save_pretrained(folder)
+        prefix = getattr(self.spec.converter, "disk_prefix", "")
+        if prefix:
+            from safetensors.torch import save_file
+
+            for file in Path(folder).glob("*.safetensors"):
+                tensors = load_file(file)
+                save_file({prefix + k: v for k, v in tensors.items()}, file, metadata={"format": "pt"})
+            index = Path(folder) / "model.safetensors.index.json"
+            if index.exists():
+                raise NotImplementedError("sharded checkpoints are not used for tiny models")
+        return Path(folder)
+
+    @cached_property
+    def disk_state(self) -> dict[str, torch.Tensor]:
+        """The on-disk HF checkpoint tensors: the oracle for conversion checks."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return read_checkpoint(self.save_reference(Path(tmp)))
+
+    def candidate(self, state: dict[str, torch.Tensor] | None = None):
+        """A fresh candidate loaded (strictly) with the converted on-disk checkpoint."""
+        torch.manual_seed(self.case_seed)
+        model = self.spec.candidate(copy.deepcopy(self.config))
+        cand_state = state if state is not None else self.spec.converter.to_candidate(self.disk_state)
+        model.load_state_dict(cand_state, strict=True)
+        return model.to(self.device).eval()
+
+    # ---- inputs
+    @cached_property
+    def batches(self):
+        return {
+            name: _to(batch, self.device)
+            for name, batch in make_batches(self.model_config.vocab_size, self.case_seed).items()
+        }
+
+    def module_pairs(self):
+        return self.spec.converter.module_pairs(self.num_layers)
+
+
+def _to(batch, device):
+    from dataclasses import replace
+
+    def move(t):
+        return None if t is None else t.to(device)
+
+    return replace(
+        batch, input_ids=move(batch.input_ids), attention_mask=move(batch.attention_mask), position_ids=move(batch.position_ids)
+    )
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from a transformers output, a candidate output object, or a bare tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"cannot find logits in a {type(output).__name__}")

@@ -1,0 +1,148 @@
+"""The native candidate's own config, read from a transformers config.
+
+The candidate is deliberately independent of transformers' modeling code: it reads the config
+fields (the public contract of a checkpoint) and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class YarnParams:
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    norm_eps: float
+    rope_theta: float
+    # attention
+    attention: str = "gqa"  # "gqa" | "mla"
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    rotary_dim: int = 0  # partial rotary: the leading rotary_dim dims of each head rotate
+    rope_interleave: bool = False
+    yarn: YarnParams | None = None
+    attention_bias: bool = False
+    qk_norm: bool = False
+    # MLA
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # feed-forward
+    intermediate_size: int = 0
+    dense_layers: frozenset[int] = frozenset()
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    router_scoring: str = "sigmoid"  # "sigmoid" | "softmax"
+    correction_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    shared_intermediate_size: int = 0  # 0: no shared expert
+    tie_embeddings: bool = False
+    experts_backend: str = "torch"  # "torch" | "triton" (moe_conformance.kernels)
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def with_(self, **changes: Any) -> MoEConfig:
+        return replace(self, **changes)
+
+    @property
+    def softmax_scale(self) -> float:
+        qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        scale = qk_dim**-0.5
+        # DeepSeek's YaRN: the softmax scale carries mscale(factor, mscale_all_dim) squared.
+        if self.yarn is not None and self.yarn.mscale_all_dim:
+            m = yarn_mscale(self.yarn.factor, self.yarn.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _first(hf: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(hf, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -> MoEConfig:
+    """Read a transformers MoE config (DeepSeek-V3 / GLM-4 MoE naming, with common aliases)."""
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    heads = hf.num_attention_heads
+    head_dim = _first(hf, "head_dim", default=hf.hidden_size // heads)
+    yarn = None
+    if rope.get("rope_type", "default") == "yarn":
+        yarn = YarnParams(
+            factor=rope["factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"],
+            beta_fast=rope.get("beta_fast") or 32.0,
+            beta_slow=rope.get("beta_slow") or 1.0,
+            mscale=rope.get("mscale"),
+            mscale_all_dim=rope.get("mscale_all_dim"),
+            attention_factor=rope.get("attention_factor"),
+            truncate=rope.get("truncate", True),
+        )
+    n_shared = _first(hf, "n_shared_experts", default=0)
+    moe_inter = _first(hf, "moe_intermediate_size", default=0)
+    first_dense = _first(hf, "first_k_dense_replace", default=0)
+    cfg = MoEConfig(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=_first(hf, "num_key_value_heads", default=heads),
+        head_dim=head_dim,
+        norm_eps=hf.rms_norm_eps,
+        rope_theta=rope.get("rope_theta", 10000.0),
+        attention=attention,
+        rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+        rope_interleave=bool(getattr(hf, "rope_interleave", False)),
+        yarn=yarn,
+        attention_bias=bool(getattr(hf, "attention_bias", False)),
+        qk_norm=bool(getattr(hf, "use_qk_norm", False)),
+        q_lora_rank=getattr(hf, "q_lora_rank", None),
+        kv_lora_rank=getattr(hf, "kv_lora_rank", 0) or 0,
+        qk_nope_head_dim=getattr(hf, "qk_nope_head_dim", 0) or 0,
+        qk_rope_head_dim=getattr(hf, "qk_rope_head_dim", 0) or 0,
+        v_head_dim=getattr(hf, "v_head_dim", 0) or 0,
+        intermediate_size=hf.intermediate_size,
+        dense_layers=frozenset(range(first_dense)),
+        num_experts=_first(hf, "n_routed_experts", "num_experts", "num_local_experts"),
+        top_k=hf.num_experts_per_tok,
+        moe_intermediate_size=moe_inter,
+        router_scoring=router_scoring,
+        correction_bias=router_scoring == "sigmoid",
+        n_group=_first(hf, "n_group", default=1),
+        topk_group=_first(hf, "topk_group", default=1),
+        norm_topk_prob=bool(_first(hf, "norm_topk_prob", default=False)),
+        routed_scaling_factor=float(_first(hf, "routed_scaling_factor", default=1.0)),
+        shared_intermediate_size=moe_inter * n_shared,
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+    )
+    if attention == "mla":
+        cfg = cfg.with_(rotary_dim=cfg.qk_rope_head_dim)
+    return cfg.with_(**overrides)

@@ -1,0 +1,339 @@
+"""A compact, training-oriented MoE transformer: the project's native candidate.
+
+Written like the MoE code of RL/pretraining frameworks, not like transformers:
+- experts are stacked per projection (``w1``/``w3`` gate/up as [E, I, H], ``w2`` down as
+  [E, H, I]) and computed by one function that a kernel backend can replace;
+- the router keeps its selection-only correction bias (``expert_bias``) in fp32 whatever the
+  model's dtype, and returns ``(router_logits, topk_weights, topk_indices)``;
+- interleaved RoPE keeps the interleaved layout (transformers de-interleaves; attention scores
+  are the same because q and k are permuted alike);
+- masks are built once per forward from ``attention_mask`` (padding) and ``position_ids``
+  (packed documents restart their positions), as additive fp32 biases.
+
+State-dict names differ from transformers on purpose (``tok_embeddings``, ``attention.wq``,
+``moe.router.gate``...): converters in ``moe_conformance.convert`` map them to the on-disk
+checkpoint format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig, yarn_mscale
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    router_logits: tuple[torch.Tensor, ...] = ()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(cfg: MoEConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the rotary dims and the cos/sin scale (YaRN's attention factor)."""
+    dim = cfg.rotary_dim
+    pos_freqs = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / pos_freqs
+    yarn = cfg.yarn
+    if yarn is None:
+        return inv_freq, 1.0
+    if yarn.attention_factor is not None:
+        attention_factor = yarn.attention_factor
+    elif yarn.mscale and yarn.mscale_all_dim:
+        attention_factor = yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(yarn.factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep_original = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate by `factor`
+    inv_freq = (inv_freq / yarn.factor) * (1 - keep_original) + inv_freq * keep_original
+    return inv_freq, attention_factor
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        inv_freq, self.scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = cfg.rope_interleave
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq.float()  # [B, S, rd/2]
+        return angles.cos() * self.scale, angles.sin() * self.scale
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the leading 2*cos.shape[-1] dims of x [B, h, S, d]; the rest pass through."""
+        rd = 2 * cos.shape[-1]
+        rot, rest = x[..., :rd], x[..., rd:]
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+        if self.interleave:
+            even, odd = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+        else:
+            first, second = rot[..., : rd // 2], rot[..., rd // 2 :]
+            rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return torch.cat((rotated, rest), dim=-1)
+
+
+def attention_bias(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """Additive [B, 1, S, S] fp32 mask: causal, padded keys removed, and, when no padding mask
+    is given, packed documents kept apart (a document starts where positions stop counting up)."""
+    q = torch.arange(seq_len, device=position_ids.device)
+    allowed = (q[None, :, None] >= q[None, None, :]).expand(position_ids.shape[0], -1, -1)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :].bool()
+    else:
+        step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
+        document = (step != 1).cumsum(-1)
+        allowed = allowed & (document[:, :, None] == document[:, None, :])
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=position_ids.device)
+    return bias.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eager attention; q [B, h, S, d], k/v [B, h_kv, S, d] with h a multiple of h_kv."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    probs = scores.float().softmax(-1).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2).flatten(2)
+
+
+class GQAttention(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
+        self.wo = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.norm_eps)
+            self.k_norm = RMSNorm(d, cfg.norm_eps)
+
+    def forward(self, x, rotary: Rotary, cos, sin, bias):
+        B, S, _ = x.shape
+        d = self.cfg.head_dim
+        q = self.wq(x).view(B, S, -1, d)
+        k = self.wk(x).view(B, S, -1, d)
+        v = self.wv(x).view(B, S, -1, d)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        return self.wo(attend(q, k, v, bias, self.cfg.softmax_scale))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention: low-rank q, a compressed kv latent and one shared rope key."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.num_heads
+        qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.wq = nn.Linear(cfg.hidden_size, h * qk_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, h * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, 1e-6)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, rotary: Rotary, cos, sin, bias):
+        cfg = self.cfg
+        B, S, _ = x.shape
+        q = self.wq(x) if cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, S, cfg.num_heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, cfg.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        q_rope = rotary.apply(q_rope, cos, sin)
+        k_rope = rotary.apply(k_rope[:, None], cos, sin).expand(-1, cfg.num_heads, -1, -1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope), dim=-1)
+        return self.wo(attend(q, k, v, bias, cfg.softmax_scale))
+
+
+# --------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, router, stacked experts
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=False)  # gate
+        self.w3 = nn.Linear(hidden, intermediate, bias=False)  # up
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Module):
+    """Scores every expert, picks top-k. Returns (router_logits [T, E], weights [T, K], indices
+    [T, K]); the correction bias (sigmoid routers) only changes which experts are picked."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        if cfg.correction_bias:
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the routing bias: real biases sit around 7 where bf16
+        # steps are 1/32, enough to re-route most tokens. Keep the values, follow the device.
+        bias = getattr(self, "expert_bias", None)
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self.expert_bias = bias.to(device=self.gate.weight.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x_TH: torch.Tensor):
+        cfg = self.cfg
+        logits = F.linear(x_TH.float(), self.gate.weight.float())
+        scores = logits.sigmoid() if cfg.router_scoring == "sigmoid" else logits.softmax(-1)
+        choice = scores + self.expert_bias if cfg.correction_bias else scores
+        if cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1), float("-inf"))
+        indices = choice.topk(cfg.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return logits, weights * cfg.routed_scaling_factor, indices
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights; ``backend`` picks the torch path or the kernels."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.w1 = nn.Parameter(torch.empty(E, I, H))  # gate
+        self.w3 = nn.Parameter(torch.empty(E, I, H))  # up
+        self.w2 = nn.Parameter(torch.empty(E, H, I))  # down
+        nn.init.normal_(self.w1, std=H**-0.5)
+        nn.init.normal_(self.w3, std=H**-0.5)
+        nn.init.normal_(self.w2, std=I**-0.5)
+        self.backend = cfg.experts_backend
+
+    def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        if self.backend != "torch":
+            from moe_conformance.kernels import moe_experts
+
+            return moe_experts(x_TH, indices_TK, weights_TK, self.w1, self.w3, self.w2, backend=self.backend)
+        out = torch.zeros_like(x_TH)
+        for e in indices_TK.unique().tolist():
+            token, slot = torch.where(indices_TK == e)
+            h = x_TH[token]
+            y = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+            out.index_add_(0, token, (y * weights_TK[token, slot, None]).to(out.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        if cfg.shared_intermediate_size:
+            self.shared_experts = FeedForward(cfg.hidden_size, cfg.shared_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_TH = x.reshape(-1, x.shape[-1])
+        logits, weights, indices = self.router(x_TH)
+        out = self.experts(x_TH, indices, weights)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x_TH)
+        return out.view_as(x), logits
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attention = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if layer in cfg.dense_layers:
+            self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)
+        else:
+            self.moe = MoE(cfg)
+
+    def forward(self, x, rotary, cos, sin, bias):
+        x = x + self.attention(self.attention_norm(x), rotary, cos, sin, bias)
+        h = self.ffn_norm(x)
+        if hasattr(self, "moe"):
+            y, router_logits = self.moe(h)
+            return x + y, router_logits
+        return x + self.feed_forward(h), None
+
+
+class MoETransformer(nn.Module):
+    """Causal LM. ``forward(input_ids, attention_mask=None, position_ids=None)``."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = Rotary(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> CausalLMOutput:
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device)[None].expand(B, -1)
+        bias = attention_bias(attention_mask, position_ids, S)
+        cos, sin = self.rotary(position_ids)
+        x = self.tok_embeddings(input_ids)
+        router_logits = []
+        for layer in self.layers:
+            x, logits = layer(x, self.rotary, cos, sin, bias)
+            if logits is not None:
+                router_logits.append(logits)
+        return CausalLMOutput(logits=self.output(self.norm(x)), router_logits=tuple(router_logits))

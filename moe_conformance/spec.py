@@ -1,0 +1,170 @@
+"""The arch spec: one frozen declaration per architecture.
+
+A plugin module defines ``ARCH = ArchSpec(...)`` (or ``ARCHS = [...]``). Suites read the spec's
+capability flags and variants; they never special-case architecture names.
+
+This module must stay importable without torch or transformers: the pytest plugin imports it
+at start-up, and a plugin that merely *is installed* must cost pytest nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Features a variant can claim to exercise. The tiny_config suite proves each claim on the test
+# inputs (moe_conformance.features holds one probe per name), so a planted bug on a claimed
+# feature cannot hide behind an inert config.
+FEATURES: dict[str, str] = {
+    "correction_bias": "selection-only expert bias changes which experts are chosen",
+    "bias_fp32": "rounding the correction bias to bf16 changes routing",
+    "routed_scaling": "routed_scaling_factor != 1 scales the routed output",
+    "norm_topk_prob": "renormalizing the top-k weights changes the output",
+    "group_limit": "group-limited routing removes experts plain top-k would pick",
+    "shared_experts": "shared experts contribute to the output",
+    "shared_expert_gate": "the sigmoid shared-expert gate scales the shared expert",
+    "partial_rotary": "RoPE rotates only part of each head",
+    "rope_interleave": "RoPE uses interleaved pairs rather than split halves",
+    "yarn_mscale": "YaRN mscale_all_dim scales the softmax",
+    "qk_norm": "per-head RMSNorm on queries and keys",
+    "attention_bias": "q/k/v projections carry biases",
+    "norm_eps": "the RMSNorm epsilon is visible (small activations)",
+    "sliding_window": "a sliding window shorter than the test sequence",
+    "sinks": "attention sinks absorb probability mass",
+}
+
+ROUTER_SCORING = ("sigmoid", "softmax")
+ATTENTION_KINDS = ("gqa", "mla")
+
+
+class SpecError(ValueError):
+    """A plugin declared something invalid; the message names the plugin and the field."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the architecture's code supports. Suites select checks from these flags."""
+
+    router_scoring: str  # "sigmoid" | "softmax"
+    attention: str = "gqa"  # "gqa" | "mla"
+    correction_bias: bool = False
+    group_limited_routing: bool = False
+    shared_experts: bool = False
+    aux_loss: bool = False
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A tiny config of the architecture. ``faithful`` mirrors the released model's settings;
+    stress variants switch on branches the release leaves off."""
+
+    name: str
+    config: Callable[[], Any]  # () -> transformers config
+    exercises: frozenset[str] = frozenset()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ExpectedFailure:
+    """A known divergence, kept next to the subject. ``check`` matches a test function name
+    (``test_release_key_names``) or a family (``roundtrip``); strict: an unexpected pass fails."""
+
+    check: str
+    reason: str
+    variants: tuple[str, ...] = ()  # empty: every variant
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything the suites need to know about one architecture."""
+
+    name: str
+    description: str
+    variants: tuple[Variant, ...]
+    reference: Callable[[Any], Any]  # config -> transformers model (fp32, eager)
+    candidate: Callable[[Any], Any]  # config -> implementation under test
+    converter: Any  # has to_candidate(hf_sd), to_hf(cand_sd), module_pairs(model_config)
+    capabilities: Capabilities
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+    expected_failures: tuple[ExpectedFailure, ...] = ()
+    # The part of the variant's config the language model is built from (kimi_k25: text_config).
+    model_config: Callable[[Any], Any] = field(default=lambda config: config)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.variants)
+        raise KeyError(f"arch {self.name!r} has no variant {name!r} (known: {known})")
+
+    def expected_failure(self, check: str, family: str, variant: str) -> ExpectedFailure | None:
+        for xf in self.expected_failures:
+            if xf.check in (check, family) and (not xf.variants or variant in xf.variants):
+                return xf
+        return None
+
+    def replace(self, **changes: Any) -> ArchSpec:
+        """A derived spec (e.g. a deliberately broken candidate in the project's own tests)."""
+        return dataclasses.replace(self, **changes)
+
+
+def describe(factory: Callable[..., Any]) -> str:
+    """A readable name for a reference/candidate factory, for report headers."""
+    label = getattr(factory, "describes", None)
+    if label:
+        return label
+    module = getattr(factory, "__module__", "") or ""
+    qualname = getattr(factory, "__qualname__", None) or type(factory).__name__
+    return f"{module}.{qualname}" if module else qualname
+
+
+def validate(spec: Any, origin: str) -> ArchSpec:
+    """Check a plugin's declaration; every message names the plugin and the field at fault."""
+
+    def fail(field_name: str, problem: str) -> SpecError:
+        return SpecError(f"arch plugin {origin}: field {field_name!r} {problem}")
+
+    if not isinstance(spec, ArchSpec):
+        raise SpecError(
+            f"arch plugin {origin}: ARCH must be a moe_conformance.ArchSpec, got {type(spec).__name__}"
+        )
+    if not isinstance(spec.name, str) or not spec.name.isidentifier():
+        raise fail("name", f"must be an identifier-like string, got {spec.name!r}")
+    if not isinstance(spec.description, str) or not spec.description.strip():
+        raise fail("description", "must be a non-empty string saying how the arch differs from its relative")
+    for name in ("reference", "candidate", "model_config"):
+        if not callable(getattr(spec, name)):
+            raise fail(name, f"must be callable (config -> model), got {type(getattr(spec, name)).__name__}")
+    for method in ("to_candidate", "to_hf", "module_pairs"):
+        if not callable(getattr(spec.converter, method, None)):
+            raise fail("converter", f"must have a callable {method}(...)")
+    if not isinstance(spec.capabilities, Capabilities):
+        raise fail("capabilities", f"must be a Capabilities, got {type(spec.capabilities).__name__}")
+    if spec.capabilities.router_scoring not in ROUTER_SCORING:
+        raise fail("capabilities", f"router_scoring must be one of {ROUTER_SCORING}, got {spec.capabilities.router_scoring!r}")
+    if spec.capabilities.attention not in ATTENTION_KINDS:
+        raise fail("capabilities", f"attention must be one of {ATTENTION_KINDS}, got {spec.capabilities.attention!r}")
+    if not isinstance(spec.variants, tuple) or not spec.variants:
+        raise fail("variants", "must be a non-empty tuple of Variant")
+    seen = set()
+    for v in spec.variants:
+        if not isinstance(v, Variant):
+            raise fail("variants", f"entries must be Variant, got {type(v).__name__}")
+        if not v.name.isidentifier() or v.name in seen:
+            raise fail("variants", f"variant names must be unique identifiers, got {v.name!r}")
+        seen.add(v.name)
+        if not callable(v.config):
+            raise fail("variants", f"variant {v.name!r}: config must be a callable returning a config")
+        unknown = set(v.exercises) - set(FEATURES)
+        if unknown:
+            raise fail("variants", f"variant {v.name!r} claims unknown features {sorted(unknown)} (known: {sorted(FEATURES)})")
+    if "faithful" not in seen:
+        raise fail("variants", "must include a 'faithful' variant (the released model's settings, scaled down)")
+    if not isinstance(spec.tolerances, Mapping) or not all(isinstance(x, (int, float)) for x in spec.tolerances.values()):
+        raise fail("tolerances", "must map tolerance names to numbers")
+    for xf in spec.expected_failures:
+        if not isinstance(xf, ExpectedFailure) or not xf.reason.strip():
+            raise fail("expected_failures", "entries must be ExpectedFailure with a non-empty reason")
+    return spec
