@@ -8,7 +8,7 @@ Differs from DeepSeek-V3:
   (the config class defaults to tied), YaRN with mscale == mscale_all_dim.
 """
 
-from transformers import DeepseekV3ForCausalLM, Kimi_K25Config
+from transformers import DeepseekV3ForCausalLM, Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
 from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
 from moe_conformance.convert import deepseek_style
@@ -32,8 +32,13 @@ COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "s
           "rope_interleave", "yarn_mscale", "norm_eps"}
 
 
+VISION = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=40, num_attention_heads=2,
+              pos_emb_height=4, pos_emb_width=4)
+
+
 def config(text: dict) -> Kimi_K25Config:
-    return Kimi_K25Config(text_config=dict(text), tie_word_embeddings=False)
+    return Kimi_K25Config(text_config=dict(text), vision_config=VISION, projection_hidden_size=32,
+                          tie_word_embeddings=False)
 
 
 def text_reference(config: Kimi_K25Config) -> DeepseekV3ForCausalLM:
@@ -54,10 +59,11 @@ ARCH = ArchSpec(
     candidate=lambda config: MoETransformer(from_hf(config.text_config, attention="mla", router_scoring="sigmoid")),
     converter=deepseek_style("mla", disk_prefix="language_model."),
     model_config=lambda config: config.text_config,
+    native_save=Kimi_K25ForConditionalGeneration,
     capabilities=Capabilities(router_scoring="sigmoid", attention="mla", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
     expected_failures=(
-        ExpectedFailure("test_transformers_kimi_k25_save_naming",
+        ExpectedFailure("test_transformers_save_naming",
                         "transformers' Kimi_K25ForConditionalGeneration.save_pretrained writes text layers under a "
                         "prefix that differs from the released checkpoint's language_model.model.layers.*"),
     ),

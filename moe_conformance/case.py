@@ -64,6 +64,11 @@ class ArchCase:
     def num_layers(self) -> int:
         return self.model_config.num_hidden_layers
 
+    @property
+    def num_experts(self) -> int:
+        cfg = self.model_config
+        return getattr(cfg, "n_routed_experts", None) or getattr(cfg, "num_experts", None) or cfg.num_local_experts
+
     # ---- weights
     @cached_property
     def reference_state(self) -> dict[str, torch.Tensor]:
@@ -90,7 +95,9 @@ class ArchCase:
 
             for file in Path(folder).glob("*.safetensors"):
                 tensors = load_file(file)
-                save_file({prefix + k: v for k, v in tensors.items()}, file, metadata={"format": "pt"})
+                # (a model loaded with a key_mapping saves under the mapped names already)
+                renamed = {k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}
+                save_file(renamed, file, metadata={"format": "pt"})
             index = Path(folder) / "model.safetensors.index.json"
             if index.exists():
                 raise NotImplementedError("sharded checkpoints are not used for tiny models")

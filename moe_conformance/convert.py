@@ -48,6 +48,11 @@ class ModulePair:
     role: str = "hidden"
 
 
+def _some(keys: list[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
 def _pattern(template: str) -> re.Pattern:
     escaped = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
     return re.compile(f"^{escaped}$")
@@ -56,8 +61,12 @@ def _pattern(template: str) -> re.Pattern:
 class KeyMapConverter:
     """``to_candidate`` / ``to_hf`` / ``module_pairs`` from a declarative rule list."""
 
-    def __init__(self, rules: list[Rename | StackExperts], *, modules: list[ModulePair] = (), disk_prefix: str = ""):
+    def __init__(self, rules: list[Rename | StackExperts], *, modules: list[ModulePair] = (), disk_prefix: str = "",
+                 expert_gate_up: tuple[str, str] | None = None):
         self.rules = list(rules)
+        # On-disk names of the gate and up projections of an expert, so a diagnosis can say
+        # "gate and up are swapped" rather than "matches nothing".
+        self.expert_gate_up = expert_gate_up
         self.modules = list(modules)
         self.disk_prefix = disk_prefix
         self._hf = [(_pattern(disk_prefix + r.hf), r) for r in self.rules]
@@ -81,7 +90,7 @@ class KeyMapConverter:
             else:
                 out[self._fill(rule.cand, m)] = tensor
         if unexpected:
-            raise ConversionError(f"no conversion rule for checkpoint key(s): {', '.join(sorted(unexpected))}")
+            raise ConversionError(f"no conversion rule for checkpoint key(s): {_some(unexpected)}")
         for (cand_key, hf_template), experts in stacks.items():
             missing = sorted(set(range(max(experts) + 1)) - set(experts))
             if missing:
@@ -106,7 +115,7 @@ class KeyMapConverter:
             else:
                 out[self.disk_prefix + self._fill(rule.hf, m)] = tensor
         if unexpected:
-            raise ConversionError(f"no conversion rule for candidate key(s): {', '.join(sorted(unexpected))}")
+            raise ConversionError(f"no conversion rule for candidate key(s): {_some(unexpected)}")
         return out
 
     def module_pairs(self, num_layers: int) -> list[ModulePair]:
@@ -175,7 +184,7 @@ def deepseek_style(attention: str, *, disk_prefix: str = "") -> KeyMapConverter:
         ModulePair(f"{L}.self_attn", f"{C}.attention"),
         ModulePair(f"{L}.post_attention_layernorm", f"{C}.ffn_norm"),
         ModulePair(f"{L}.mlp.gate", f"{C}.moe.router", role="router"),
-        ModulePair(f"{L}.mlp.experts", f"{C}.moe.experts"),
+        ModulePair(f"{L}.mlp.experts", f"{C}.moe.experts", role="experts"),
         ModulePair(f"{L}.mlp.shared_experts", f"{C}.moe.shared_experts"),
         ModulePair(f"{L}.mlp", f"{C}.moe"),
         ModulePair(f"{L}.mlp", f"{C}.feed_forward"),
@@ -183,4 +192,4 @@ def deepseek_style(attention: str, *, disk_prefix: str = "") -> KeyMapConverter:
         ModulePair("model.norm", "norm"),
         ModulePair("lm_head", "output"),
     ]
-    return KeyMapConverter(rules, modules=modules, disk_prefix=disk_prefix)
+    return KeyMapConverter(rules, modules=modules, disk_prefix=disk_prefix, expert_gate_up=("gate_proj", "up_proj"))

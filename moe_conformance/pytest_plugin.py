@@ -61,6 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--device {device} was asked for but torch.cuda.is_available() is False")
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args = [str(suites_dir())]
+    # Schema snapshots are per arch and variant: running a subset (-k, one arch) must not fail
+    # on the snapshots it did not use.
+    config.option.warn_unused_snapshots = True
     conformance = Conformance(config, selected)
     config.stash[CONFORMANCE] = conformance
     config.pluginmanager.register(conformance, "moe-conformance-session")
@@ -140,6 +143,9 @@ class Conformance:
             xf = spec.expected_failure(item.originalname, family_of(item), ref.variant)
             if xf is not None:
                 item.add_marker(pytest.mark.xfail(reason=xf.reason, strict=True))
+
+    def snapshot_dir(self, arch: str) -> Path:
+        return self.entries[arch].snapshot_dir
 
     def case(self, ref: CaseRef):
         """The per-process ArchCase cache (built lazily, deterministic in any process)."""

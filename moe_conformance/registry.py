@@ -31,11 +31,19 @@ class ArchEntry:
     _loader: object = field(repr=False, default=None)
     _spec: ArchSpec | None = field(default=None, repr=False)
     error: str | None = None
+    source_file: Path | None = None  # the plugin's file: schema snapshots live beside it
+
+    @property
+    def snapshot_dir(self) -> Path:
+        base = self.source_file.parent if self.source_file else Path.cwd()
+        return base / "__snapshots__" / self.name
 
     def load(self) -> ArchSpec:
         if self._spec is None and self.error is None:
             try:
-                specs = _specs_of(self._loader(), self.origin)
+                loaded = self._loader()
+                self.source_file = _file_of(loaded)
+                specs = _specs_of(loaded, self.origin)
                 matching = [s for s in specs if s.name == self.name] or specs
                 self._spec = matching[0]
             except Exception as exc:  # noqa: BLE001 - any plugin failure becomes an errored case
@@ -54,6 +62,13 @@ def _describe_failure(exc: BaseException, origin: str) -> str:
         return str(exc)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
     return f"arch plugin {origin} failed to import: {type(exc).__name__}: {exc}\n{tb}"
+
+
+def _file_of(obj: object) -> Path | None:
+    if isinstance(obj, ArchSpec):
+        obj = sys.modules.get(getattr(obj.candidate, "__module__", ""), None)
+    file = getattr(obj, "__file__", None)
+    return Path(file) if file else None
 
 
 def _specs_of(obj: object, origin: str) -> list[ArchSpec]:
@@ -108,11 +123,12 @@ def plugin_arg_entries(plugin_args: list[str]) -> list[ArchEntry]:
         else:
             origin, loader, fallback = f"module {arg}", (lambda arg=arg: importlib.import_module(arg)), arg.rsplit(".", 1)[-1]
         try:
-            specs = _specs_of(loader(), origin)
+            loaded = loader()
+            specs = _specs_of(loaded, origin)
         except Exception as exc:  # noqa: BLE001
             entries.append(ArchEntry(name=fallback, origin=origin, error=_describe_failure(exc, origin)))
             continue
-        entries.extend(ArchEntry(name=s.name, origin=origin, _spec=s) for s in specs)
+        entries.extend(ArchEntry(name=s.name, origin=origin, _spec=s, source_file=_file_of(loaded)) for s in specs)
     return entries
 
 

@@ -91,6 +91,9 @@ class ArchSpec:
     expected_failures: tuple[ExpectedFailure, ...] = ()
     # The part of the variant's config the language model is built from (kimi_k25: text_config).
     model_config: Callable[[Any], Any] = field(default=lambda config: config)
+    # A transformers class whose own save_pretrained should write the on-disk format (kimi_k25:
+    # the multimodal wrapper); the roundtrip suite compares its key names with the release's.
+    native_save: Callable[[Any], Any] | None = None
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:

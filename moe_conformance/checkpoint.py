@@ -1,0 +1,110 @@
+"""On-disk checkpoints and the checks that compare them bit for bit.
+
+The oracle is always the ORIGINAL file tensors (safetensors written by the reference's
+``save_pretrained``), never ``model.state_dict()``, which transformers keeps in a fused
+in-memory layout. Expert weights are fingerprinted (a hash of their bytes) so that a
+permutation or a gate/up swap applied in both conversion directions cannot pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .convert import StackExperts
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha1(raw.numpy().tobytes() + str((t.dtype, tuple(t.shape))).encode()).hexdigest()[:16]
+
+
+def state_diff(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], limit: int = 8) -> list[str]:
+    """Every way ``got`` differs from ``expected``: key sets (by name), dtypes, shapes, bits."""
+    problems = []
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:limit])}{' ...' if len(missing) > limit else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:limit])}{' ...' if len(unexpected) > limit else ''}")
+    by_fp = {fingerprint(t): k for k, t in expected.items()}
+    value_problems = []
+    for key in sorted(set(expected) & set(got)):
+        e, g = expected[key], got[key]
+        if e.dtype != g.dtype:
+            value_problems.append(f"{key}: dtype {g.dtype}, file has {e.dtype}")
+        elif e.shape != g.shape:
+            value_problems.append(f"{key}: shape {tuple(g.shape)}, file has {tuple(e.shape)}")
+        elif not torch.equal(e, g):
+            other = by_fp.get(fingerprint(g))
+            if other:
+                value_problems.append(f"{key}: holds the file's {other}")
+            elif torch.isfinite(g).all() and torch.count_nonzero(g) == 0:
+                value_problems.append(f"{key}: exported as zeros")
+            else:
+                value_problems.append(f"{key}: values differ (max|delta| {float((e.double() - g.double()).abs().max()):.3g})")
+    if value_problems:
+        problems.append(f"{len(value_problems)} tensor(s) differ: " + "; ".join(value_problems[:limit]))
+    return problems
+
+
+def expert_layout_problems(converter, disk: dict[str, torch.Tensor], cand_state: dict[str, torch.Tensor], limit: int = 6) -> list[str]:
+    """For converters built from StackExperts rules: slice e of every stacked candidate tensor
+    must hold the file's expert e, found by fingerprint (so a permutation is named)."""
+    rules = [r for r in getattr(converter, "rules", []) if isinstance(r, StackExperts)]
+    by_fp = {fingerprint(t): k for k, t in disk.items()}
+    prefix = getattr(converter, "disk_prefix", "")
+    problems = []
+    for rule in rules:
+        pattern = re.compile("^" + re.escape(rule.cand).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+        for key, stacked in cand_state.items():
+            m = pattern.match(key)
+            if not m:
+                continue
+            for e in range(stacked.shape[0]):
+                want = prefix + rule.hf.format(i=m.groupdict().get("i"), e=e)
+                if want in disk and not torch.equal(stacked[e], disk[want]):
+                    holds = by_fp.get(fingerprint(stacked[e]), "no tensor of the file")
+                    problems.append(f"candidate {key}[{e}] holds {holds}, expected {want}")
+    return problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config_from: Path) -> Path:
+    """A loadable checkpoint folder: one safetensors file plus the original config files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if (config_from / name).exists():
+            shutil.copy(config_from / name, folder / name)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def load_reference(model_class, folder: Path, disk_prefix: str = "", **kwargs):
+    """``from_pretrained`` of the reference class, mapping the released naming back, and
+    failing (not warning) on missing, unexpected or mismatched keys."""
+    key_mapping = {f"^{re.escape(disk_prefix)}": ""} if disk_prefix else None
+    model, info = model_class.from_pretrained(
+        folder, key_mapping=key_mapping, output_loading_info=True, attn_implementation="eager", **kwargs
+    )
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise AssertionError(f"from_pretrained({folder.name}) did not load cleanly: {bad}")
+    model.config._experts_implementation = "eager"
+    return model.eval()
+
+
+@torch.no_grad()
+def expert_outputs(experts: torch.nn.Module, x_TH: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E, T, H]: every token sent through each expert alone with weight 1, through the
+    module's own (hidden, top_k_index, top_k_weights) interface."""
+    T = x_TH.shape[0]
+    weights = torch.ones(T, 1, dtype=x_TH.dtype, device=x_TH.device)
+    return torch.stack([
+        experts(x_TH, torch.full((T, 1), e, dtype=torch.long, device=x_TH.device), weights) for e in range(num_experts)
+    ])

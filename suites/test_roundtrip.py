@@ -1,0 +1,171 @@
+"""Roundtrip losslessness against the on-disk checkpoint.
+
+reference.save_pretrained -> safetensors files -> to_candidate -> strict load into the candidate
+-> to_hf, compared bit for bit with the ORIGINAL file tensors (key sets, dtypes, values), and the
+other direction (candidate-native weights -> HF -> candidate). The candidate's own expert layout
+is checked directly (fingerprints, and each expert's function against the file's expert), since
+a permutation or gate/up swap made in both directions survives a roundtrip.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+
+from moe_conformance.case import read_checkpoint
+from moe_conformance.checkpoint import (
+    expert_layout_problems,
+    expert_outputs,
+    load_reference,
+    state_diff,
+    write_checkpoint,
+)
+from moe_conformance.compare import run_reference
+
+# Expert outputs are compared at fp32 with the same math on both sides; the floor is ~1e-6 of
+# the output scale (same as logit parity), so 1e-4 relative separates "same expert" from not.
+EXPERT_MATCH_RELATIVE = 1e-4
+
+
+def _fail(arch, what, problems):
+    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def _cand_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_hf_to_candidate_to_hf_bit_exact(arch, record):
+    disk = arch.disk_state
+    cand = arch.candidate()  # strict load of to_candidate(disk)
+    back = arch.spec.converter.to_hf(_cand_state(cand))
+    record(figures={"checkpoint_tensors": len(disk), "candidate_tensors": len(cand.state_dict())})
+    problems = state_diff(disk, back)
+    if problems:
+        _fail(arch, "HF file -> candidate -> HF is not the original file", problems)
+
+
+def test_candidate_to_hf_to_candidate_bit_exact(arch, record):
+    # Candidate-native weights (as after training in the candidate's own format): perturb every
+    # tensor distinctly so nothing can pass by coinciding with the file.
+    gen = torch.Generator().manual_seed(arch.case_seed)
+    native = {k: v + torch.randn(v.shape, generator=gen).to(v.dtype) * 1e-3 for k, v in _cand_state(arch.candidate()).items()}
+    back = arch.spec.converter.to_candidate(arch.spec.converter.to_hf(native))
+    record(figures={"candidate_tensors": len(native)})
+    problems = state_diff(native, back)
+    if problems:
+        _fail(arch, "candidate -> HF -> candidate is not the original candidate state", problems)
+
+
+def test_candidate_expert_layout(arch, record):
+    """Slice e of each stacked candidate tensor holds the file's expert e (by fingerprint)."""
+    problems = expert_layout_problems(arch.spec.converter, arch.disk_state, _cand_state(arch.candidate()))
+    record(figures={"layout_problems": len(problems)})
+    if problems:
+        _fail(arch, "the candidate's stacked experts do not hold the file's experts in order", problems)
+
+
+def _swapped_gate_up(arch, tmp_path):
+    names = getattr(arch.spec.converter, "expert_gate_up", None)
+    if not names:
+        return None
+    gate, up = (re.escape(n) for n in names)
+    swap = {names[0]: names[1], names[1]: names[0]}
+    renamed = {re.sub(rf"(experts\.\d+\.)({gate}|{up})\b", lambda m: m.group(1) + swap[m.group(2)], k): v
+               for k, v in arch.disk_state.items()}
+    source = arch.save_reference(tmp_path / "original")
+    folder = write_checkpoint(tmp_path / "swapped", renamed, source)
+    return load_reference(type(arch.reference()), folder, getattr(arch.spec.converter, "disk_prefix", ""))
+
+
+def test_expert_functions_match_file(arch, record, tmp_path):
+    """Each candidate expert computes the file's expert of the same index: a permutation or a
+    gate/up exchange inside the candidate shows up here even if both converters agree on it."""
+    pairs = [p for p in arch.module_pairs() if p.role == "experts"]
+    ref, cand = arch.reference(), arch.candidate()
+    ref_mods, cand_mods = dict(ref.named_modules()), dict(cand.named_modules())
+    pairs = [p for p in pairs if p.ref in ref_mods and p.cand in cand_mods]
+    if not pairs:
+        pytest.skip(f"{arch.id}: the converter declares no (reference, candidate) experts module pair")
+    E = arch.num_experts
+    x = torch.randn(7, arch.model_config.hidden_size, generator=torch.Generator().manual_seed(arch.case_seed))
+    problems, worst, swapped_model = [], 0.0, None
+    for pair in pairs:
+        want = expert_outputs(ref_mods[pair.ref], x, E).double()
+        got = expert_outputs(cand_mods[pair.cand], x, E).double()
+        scale = want.abs().max()
+        for e in range(E):
+            delta = (got[e] - want).abs().amax(dim=(1, 2)) / scale  # vs every file expert
+            worst = max(worst, float(delta[e]))
+            if delta[e] <= EXPERT_MATCH_RELATIVE:
+                continue
+            best = int(delta.argmin())
+            if delta[best] <= EXPERT_MATCH_RELATIVE:
+                problems.append(f"{pair.cand} expert {e} computes the file's expert {best} (experts permuted)")
+                continue
+            if swapped_model is None:
+                swapped_model = _swapped_gate_up(arch, tmp_path) or False
+            if swapped_model:
+                alt = expert_outputs(dict(swapped_model.named_modules())[pair.ref], x, E).double()
+                if (got[e] - alt[e]).abs().max() / scale <= EXPERT_MATCH_RELATIVE:
+                    problems.append(f"{pair.cand} expert {e}: gate and up projections are swapped")
+                    continue
+            problems.append(f"{pair.cand} expert {e} matches no expert of the file (relative max|delta| {float(delta[e]):.3g})")
+    record(figures={"expert_max_relative_delta": worst}, thresholds={"expert_max_relative_delta": EXPERT_MATCH_RELATIVE})
+    if problems:
+        _fail(arch, "candidate experts do not compute the file's experts", problems[:8])
+
+
+def test_converted_checkpoint_reloads_into_reference(arch, record, tmp_path):
+    """to_hf(candidate) written to disk loads into the reference with from_pretrained (no
+    missing/unexpected keys) and reproduces the original logits exactly."""
+    source = arch.save_reference(tmp_path / "original")
+    exported = arch.spec.converter.to_hf(_cand_state(arch.candidate()))
+    folder = write_checkpoint(tmp_path / "converted", exported, source)
+    prefix = getattr(arch.spec.converter, "disk_prefix", "")
+    reloaded = load_reference(type(arch.reference()), folder, prefix)
+    original = arch.reference()
+    worst = 0.0
+    with torch.no_grad():
+        for name, batch in arch.batches.items():
+            a, b = run_reference(original, batch), run_reference(reloaded, batch)
+            worst = max(worst, float((a - b).abs().max()))
+    record(figures={"max_abs_logit_delta": worst}, thresholds={"max_abs_logit_delta": 0.0})
+    assert worst == 0.0, f"{arch.id}: the reference reloaded from the converted checkpoint changes logits by up to {worst:.3g}"
+
+
+def test_bf16_checkpoint_keeps_dtypes(arch, record, tmp_path):
+    """A bf16 checkpoint (routing bias kept fp32 by transformers) survives the roundtrip through
+    a bf16 candidate with every dtype and bit intact."""
+    source = arch.save_reference(tmp_path / "fp32")
+    bf16_ref = load_reference(type(arch.reference()), source, getattr(arch.spec.converter, "disk_prefix", ""),
+                              dtype=torch.bfloat16)
+    disk = read_checkpoint(arch.save_reference(tmp_path / "bf16", model=bf16_ref))
+    fp32_kept = sorted(k for k, v in disk.items() if v.dtype == torch.float32)
+    cand = arch.spec.candidate(copy.deepcopy(arch.config)).to(torch.bfloat16)
+    cand.load_state_dict(arch.spec.converter.to_candidate(disk), strict=True)
+    back = arch.spec.converter.to_hf(_cand_state(cand))
+    record(figures={"fp32_tensors_in_bf16_checkpoint": len(fp32_kept)})
+    problems = state_diff(disk, back)
+    if problems:
+        _fail(arch, "bf16 checkpoint -> bf16 candidate -> HF changed dtypes or bits", problems)
+
+
+def test_transformers_save_naming(arch, record, tmp_path):
+    """transformers' own class for the released checkpoint should write the on-disk naming."""
+    if arch.spec.native_save is None:
+        pytest.skip(f"{arch.id}: no transformers class writes this arch's on-disk format beyond the reference")
+    torch.manual_seed(0)
+    model = arch.spec.native_save(copy.deepcopy(arch.config))
+    model.save_pretrained(tmp_path)
+    prefix = getattr(arch.spec.converter, "disk_prefix", "")
+    written = {k: v for k, v in read_checkpoint(tmp_path).items() if k.startswith(prefix)}
+    release = {k: v for k, v in arch.disk_state.items()}
+    missing = sorted(set(release) - set(written))
+    unexpected = sorted(set(written) - set(release))
+    record(figures={"missing": len(missing), "unexpected": len(unexpected)})
+    assert not missing and not unexpected, (
+        f"{arch.id}: {type(model).__name__}.save_pretrained writes {len(unexpected)} key(s) the release does not have "
+        f"(e.g. {unexpected[:2]}) and lacks {len(missing)} it has (e.g. {missing[:2]})"
+    )
