@@ -12,7 +12,7 @@ from transformers import DeepseekV3ForCausalLM, Kimi_K25Config, Kimi_K25ForCondi
 
 from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
 from moe_conformance.convert import deepseek_style
-from moe_conformance.modeling import MoETransformer, from_hf
+from moe_conformance.modeling import native_candidate
 
 # Released K2.5 text settings, scaled down. Sizes pairwise distinct: hidden 64, dense 96,
 # expert 40, q_lora 48, kv_lora 32, nope 16, rope 8, v 24.
@@ -56,7 +56,7 @@ ARCH = ArchSpec(
                 "group-limited routing and YaRN with mscale != mscale_all_dim"),
     ),
     reference=text_reference,
-    candidate=lambda config: MoETransformer(from_hf(config.text_config, attention="mla", router_scoring="sigmoid")),
+    candidate=native_candidate(attention="mla", router_scoring="sigmoid", sub_config="text_config"),
     converter=deepseek_style("mla", disk_prefix="language_model."),
     model_config=lambda config: config.text_config,
     native_save=Kimi_K25ForConditionalGeneration,

@@ -45,6 +45,9 @@ def state_diff(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], 
             other = by_fp.get(fingerprint(g))
             if other:
                 value_problems.append(f"{key}: holds the file's {other}")
+            elif e.is_floating_point() and any(torch.equal(e.to(lo).to(e.dtype), g) for lo in (torch.bfloat16, torch.float16)):
+                lo = next(lo for lo in (torch.bfloat16, torch.float16) if torch.equal(e.to(lo).to(e.dtype), g))
+                value_problems.append(f"{key}: values rounded to {str(lo).removeprefix('torch.')} (kept as {g.dtype})")
             elif torch.isfinite(g).all() and torch.count_nonzero(g) == 0:
                 value_problems.append(f"{key}: exported as zeros")
             else:

@@ -105,12 +105,18 @@ def _first_tensor(output) -> torch.Tensor | None:
 
 
 def _token_rows(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, S, ...] or [B*S, ...] -> valid token rows."""
-    if t.shape[:2] == valid.shape:
-        return t[valid]
-    if t.shape[0] == valid.numel():
-        return t[valid.flatten()]
-    return t
+    """One row per valid token, whatever the layout: [B, S, ...], [B*S, ...], or per-head
+    [B, h, S, ...] (e.g. MLA's single-head latent [B, 1, S, D])."""
+    B, S = valid.shape
+    if t.dim() >= 2 and t.shape[:2] == (B, S):
+        rows = t[valid]
+    elif t.shape[0] == B * S:
+        rows = t[valid.flatten()]
+    elif t.dim() >= 3 and t.shape[0] == B and t.shape[-2] == S:
+        rows = t.movedim(-2, 1)[valid]
+    else:
+        return t
+    return rows.reshape(rows.shape[0], -1)
 
 
 @dataclass
@@ -158,9 +164,9 @@ def _compare_hidden(pair: ModulePair, ref_out, cand_out, valid) -> Divergence | 
     if ref_t is None or cand_t is None:
         return None
     ref_t, cand_t = _token_rows(ref_t, valid), _token_rows(cand_t, valid)
-    if ref_t.numel() != cand_t.numel():
+    if ref_t.shape != cand_t.shape:
         return Divergence(pair, f"output shapes differ: reference {tuple(ref_t.shape)}, candidate {tuple(cand_t.shape)}")
-    ref_t, cand_t = ref_t.double().reshape(cand_t.shape), cand_t.double()
+    ref_t, cand_t = ref_t.double(), cand_t.double()
     if not torch.isfinite(cand_t).all():
         return Divergence(pair, f"candidate output has {int((~torch.isfinite(cand_t)).sum())} non-finite values")
     delta = (ref_t - cand_t).abs().max()

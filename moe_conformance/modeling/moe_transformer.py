@@ -136,6 +136,7 @@ class GQAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.softmax_scale = cfg.softmax_scale
         self.wq = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
         self.wk = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
         self.wv = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
@@ -154,7 +155,7 @@ class GQAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        return self.wo(attend(q, k, v, bias, self.cfg.softmax_scale))
+        return self.wo(attend(q, k, v, bias, self.softmax_scale))
 
 
 class MLAttention(nn.Module):
@@ -165,6 +166,7 @@ class MLAttention(nn.Module):
         self.cfg = cfg
         h = cfg.num_heads
         qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.softmax_scale = cfg.softmax_scale
         if cfg.q_lora_rank is None:
             self.wq = nn.Linear(cfg.hidden_size, h * qk_dim, bias=False)
         else:
@@ -189,7 +191,7 @@ class MLAttention(nn.Module):
         k_rope = rotary.apply(k_rope[:, None], cos, sin).expand(-1, cfg.num_heads, -1, -1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope), dim=-1)
-        return self.wo(attend(q, k, v, bias, cfg.softmax_scale))
+        return self.wo(attend(q, k, v, bias, self.softmax_scale))
 
 
 # --------------------------------------------------------------------------------------------

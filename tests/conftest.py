@@ -1,0 +1,13 @@
+"""In-process pytester runs restore sys.modules afterwards, dropping what the run imported;
+re-importing a C extension (torch, triton) in the next run crashes the interpreter. Import the
+heavy stack once here, before any run, so pytester's snapshot keeps it."""
+
+import importlib.util
+
+import safetensors.torch  # noqa: F401
+import torch  # noqa: F401
+import transformers  # noqa: F401
+from transformers import DeepseekV3ForCausalLM, Glm4MoeForCausalLM  # noqa: F401
+
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401

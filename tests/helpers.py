@@ -1,0 +1,32 @@
+"""Running the conformance suites inside the project's own tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moe_conformance.paths import suites_dir
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def run_suites(pytester, *args, suite: str | None = None, plugin_source: str | None = None, plugin_name="team_plugin",
+               subprocess: bool = False):
+    """Run the conformance suites in a pytester sandbox; returns (result, reports by arch)."""
+    pytester.syspathinsert(TESTS_DIR)
+    argv = [str(suites_dir() / suite)] if suite else []
+    if plugin_source is not None:
+        plugin = pytester.makepyfile(**{plugin_name: plugin_source})
+        argv += ["--arch-plugin", str(plugin)]
+    report_dir = pytester.path / "reports"
+    argv += ["--report-dir", str(report_dir), "-p", "no:cacheprovider", *args]
+    if subprocess:
+        result = pytester.runpytest_subprocess(*argv, timeout=600)
+    else:
+        result = pytester.runpytest(*argv)
+    reports = {p.stem: json.loads(p.read_text()) for p in sorted(report_dir.glob("*.json"))}
+    return result, reports
+
+
+def checks_by_name(report: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in report["checks"]}
