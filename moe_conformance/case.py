@@ -74,7 +74,7 @@ class ArchCase:
     def reference_state(self) -> dict[str, torch.Tensor]:
         torch.manual_seed(self.case_seed)
         model = self.spec.reference(copy.deepcopy(self.config))
-        adversarial_init_(model, self.case_seed)
+        adversarial_init_(model, self.case_seed, dict(self.spec.init_gains))
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def reference(self, config: Any = None, state: dict[str, torch.Tensor] | None = None, strict: bool = True):

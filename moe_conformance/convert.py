@@ -5,7 +5,9 @@ keys for most archs) to the candidate's state dict and back. It is declared as a
 
 - ``Rename(hf, cand)``: one tensor, renamed (``{i}`` stands for the layer index);
 - ``StackExperts(hf, cand)``: per-expert tensors ``...experts.{e}...`` stacked along dim 0 in
-  expert order, and split back on the way out.
+  expert order, and split back on the way out;
+- ``Transform(hf, cands, split, join)``: one on-disk tensor that is several candidate tensors
+  (gpt-oss's fused, transposed, interleaved ``gate_up_proj``).
 
 Every key must be claimed by a rule, in both directions: an unexpected key is an error that
 names it, never silently dropped. Expert numbering is validated (transformers' own loader does
@@ -39,6 +41,14 @@ class StackExperts:
 
 
 @dataclass(frozen=True)
+class Transform:
+    hf: str
+    cands: tuple[str, ...]
+    split: object  # hf tensor -> tuple of candidate tensors
+    join: object  # candidate tensors -> hf tensor
+
+
+@dataclass(frozen=True)
 class ModulePair:
     """A reference submodule and the candidate submodule that computes the same thing.
     ``role`` tells the comparator how to read the outputs (``router``: (logits, weights, indices))."""
@@ -61,16 +71,16 @@ def _pattern(template: str) -> re.Pattern:
 class KeyMapConverter:
     """``to_candidate`` / ``to_hf`` / ``module_pairs`` from a declarative rule list."""
 
-    def __init__(self, rules: list[Rename | StackExperts], *, modules: list[ModulePair] = (), disk_prefix: str = "",
-                 expert_gate_up: tuple[str, str] | None = None):
+    def __init__(self, rules: list[Rename | StackExperts | Transform], *, modules: list[ModulePair] = (),
+                 disk_prefix: str = "", swap_gate_up=None):
         self.rules = list(rules)
-        # On-disk names of the gate and up projections of an expert, so a diagnosis can say
-        # "gate and up are swapped" rather than "matches nothing".
-        self.expert_gate_up = expert_gate_up
         self.modules = list(modules)
         self.disk_prefix = disk_prefix
+        # on-disk state -> the same with every expert's gate and up exchanged, so a diagnosis
+        # can say "gate and up are swapped" rather than "matches nothing"
+        self.swap_gate_up = swap_gate_up
         self._hf = [(_pattern(disk_prefix + r.hf), r) for r in self.rules]
-        self._cand = [(_pattern(r.cand), r) for r in self.rules]
+        self._cand = [(_pattern(c), r) for r in self.rules for c in (r.cands if isinstance(r, Transform) else [r.cand])]
 
     # ---- HF on-disk -> candidate
     def to_candidate(self, hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,6 +97,8 @@ class KeyMapConverter:
                 if expert in stacks[(cand_key, rule.hf)]:
                     raise ConversionError(f"expert {expert} appears twice for {cand_key} (key {key})")
                 stacks[(cand_key, rule.hf)][expert] = tensor
+            elif isinstance(rule, Transform):
+                out.update(zip((self._fill(c, m) for c in rule.cands), rule.split(tensor)))
             else:
                 out[self._fill(rule.cand, m)] = tensor
         if unexpected:
@@ -104,10 +116,13 @@ class KeyMapConverter:
     def to_hf(self, cand_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         unexpected = []
+        joins = {}
         for key, tensor in cand_sd.items():
             rule, m = self._match(self._cand, key)
             if rule is None:
                 unexpected.append(key)
+            elif isinstance(rule, Transform):
+                joins[self.disk_prefix + self._fill(rule.hf, m)] = (rule, [self._fill(c, m) for c in rule.cands])
             elif isinstance(rule, StackExperts):
                 for e in range(tensor.shape[0]):
                     hf_key = self.disk_prefix + rule.hf.format(i=m.groupdict().get("i"), e=e)
@@ -116,6 +131,11 @@ class KeyMapConverter:
                 out[self.disk_prefix + self._fill(rule.hf, m)] = tensor
         if unexpected:
             raise ConversionError(f"no conversion rule for candidate key(s): {_some(unexpected)}")
+        for hf_key, (rule, parts) in joins.items():
+            missing = [p for p in parts if p not in cand_sd]
+            if missing:
+                raise ConversionError(f"{hf_key} needs candidate key(s) {', '.join(missing)}")
+            out[hf_key] = rule.join(*(cand_sd[p] for p in parts))
         return out
 
     def module_pairs(self, num_layers: int) -> list[ModulePair]:
@@ -140,7 +160,8 @@ class KeyMapConverter:
 
 
 # --------------------------------------------------------------------------------------------
-# The DeepSeek/GLM family's on-disk naming, shared by every arch whose checkpoints use it.
+# transformers' on-disk naming, shared by every arch whose checkpoints use it. One builder with
+# the few dimensions along which the families differ.
 
 _ATTENTION = {
     "gqa": {
@@ -152,44 +173,122 @@ _ATTENTION = {
         "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo",
     },
 }
-_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_CAND_PROJ = ("w1", "w3", "w2")  # the candidate's gate, up, down
+SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_NAMES = ("w1", "w3", "w2")
 
 
-def deepseek_style(attention: str, *, disk_prefix: str = "") -> KeyMapConverter:
-    """Converter for checkpoints named like DeepSeek-V3 / GLM-4 MoE / Kimi K2 text towers:
-    ``model.layers.N.self_attn.*``, ``mlp.gate`` (+ ``e_score_correction_bias``),
-    ``mlp.experts.E.{gate,up,down}_proj``, ``mlp.shared_experts.*``, dense ``mlp.*_proj``."""
+def swap_expert_names(gate: str, up: str):
+    """On-disk gate/up exchange for per-expert checkpoints."""
+    def swap(state):
+        pattern = re.compile(rf"(experts\.\d+\.)({re.escape(gate)}|{re.escape(up)})\b")
+        other = {gate: up, up: gate}
+        return {pattern.sub(lambda m: m.group(1) + other[m.group(2)], k): v for k, v in state.items()}
+    return swap
+
+
+def _interleaved_split(t):  # [E, H, 2I] (gate, up interleaved) -> gate, up as [E, I, H]
+    t = t.transpose(-1, -2)
+    return t[:, 0::2].contiguous(), t[:, 1::2].contiguous()
+
+
+def _interleaved_join(gate, up):
+    return torch.stack((gate, up), dim=2).flatten(1, 2).transpose(-1, -2).contiguous()
+
+
+def _interleaved_bias_split(t):  # [E, 2I] -> [E, I], [E, I]
+    return t[:, 0::2].contiguous(), t[:, 1::2].contiguous()
+
+
+def _interleaved_bias_join(gate, up):
+    return torch.stack((gate, up), dim=2).flatten(1, 2).contiguous()
+
+
+def _swap_interleaved(state):
+    out = {}
+    for k, v in state.items():
+        if k.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
+            pairs = v.unflatten(-1, (-1, 2))
+            v = pairs.flip(-1).flatten(-2).contiguous()
+        out[k] = v
+    return out
+
+
+def transformers_style(
+    attention: str = "gqa",
+    *,
+    moe: str = "mlp",
+    router: str = "gate",
+    experts: tuple[str, str, str] | str = SWIGLU_NAMES,
+    correction_bias_at: str = "router",
+    shared: str = "shared_experts",
+    shared_gate: str | None = None,
+    disk_prefix: str = "",
+) -> KeyMapConverter:
+    """Converter for checkpoints written by transformers' ``save_pretrained``:
+    ``model.layers.N.self_attn.*`` (GQA or MLA), an MoE block named ``moe`` on disk (``mlp``;
+    Mixtral/MiniMax: ``block_sparse_moe``) with its ``router`` (``gate``; gpt-oss: ``router``),
+    experts per expert under the given (gate, up, down) names or ``"fused_interleaved"``
+    (gpt-oss), the correction bias on the router or on the block, shared experts and an
+    optional shared-expert gate, dense layers as ``mlp.{gate,up,down}_proj``."""
     L, C = "model.layers.{i}", "layers.{i}"
-    rules: list[Rename | StackExperts] = [
+    M = f"{L}.{moe}"
+    bias_key = f"{M}.{router}.e_score_correction_bias" if correction_bias_at == "router" else f"{M}.e_score_correction_bias"
+    rules: list = [
         Rename("model.embed_tokens.weight", "tok_embeddings.weight"),
         Rename("model.norm.weight", "norm.weight"),
         Rename("lm_head.weight", "output.weight"),
         Rename(f"{L}.input_layernorm.weight", f"{C}.attention_norm.weight"),
         Rename(f"{L}.post_attention_layernorm.weight", f"{C}.ffn_norm.weight"),
-        Rename(f"{L}.mlp.gate.weight", f"{C}.moe.router.gate.weight"),
-        Rename(f"{L}.mlp.gate.e_score_correction_bias", f"{C}.moe.router.expert_bias"),
+        Rename(f"{L}.self_attn.sinks", f"{C}.attention.sinks"),
+        Rename(f"{M}.{router}.weight", f"{C}.moe.router.gate.weight"),
+        Rename(f"{M}.{router}.bias", f"{C}.moe.router.gate.bias"),
+        Rename(bias_key, f"{C}.moe.router.expert_bias"),
+        Rename(f"{M}.{shared}.gate_proj.weight", f"{C}.moe.shared_experts.w1.weight"),
+        Rename(f"{M}.{shared}.up_proj.weight", f"{C}.moe.shared_experts.w3.weight"),
+        Rename(f"{M}.{shared}.down_proj.weight", f"{C}.moe.shared_experts.w2.weight"),
     ]
+    if shared_gate:
+        rules.append(Rename(f"{M}.{shared_gate}.weight", f"{C}.moe.shared_gate.weight"))
     for hf, cand in _ATTENTION[attention].items():
         rules += [Rename(f"{L}.self_attn.{hf}.{t}", f"{C}.attention.{cand}.{t}") for t in ("weight", "bias")]
-    for hf, cand in _PROJ.items():
+    if experts == "fused_interleaved":
+        E = f"{M}.experts"
         rules += [
-            StackExperts(f"{L}.mlp.experts.{{e}}.{hf}.weight", f"{C}.moe.experts.{cand}"),
-            Rename(f"{L}.mlp.shared_experts.{hf}.weight", f"{C}.moe.shared_experts.{cand}.weight"),
-            Rename(f"{L}.mlp.{hf}.weight", f"{C}.feed_forward.{cand}.weight"),
+            Transform(f"{E}.gate_up_proj", (f"{C}.moe.experts.w1", f"{C}.moe.experts.w3"), _interleaved_split, _interleaved_join),
+            Transform(f"{E}.gate_up_proj_bias", (f"{C}.moe.experts.b1", f"{C}.moe.experts.b3"),
+                      _interleaved_bias_split, _interleaved_bias_join),
+            Transform(f"{E}.down_proj", (f"{C}.moe.experts.w2",), lambda t: (t.transpose(-1, -2).contiguous(),),
+                      lambda w2: w2.transpose(-1, -2).contiguous()),
+            Rename(f"{E}.down_proj_bias", f"{C}.moe.experts.b2"),
         ]
+        swap = _swap_interleaved
+    else:
+        rules += [StackExperts(f"{M}.experts.{{e}}.{hf}.weight", f"{C}.moe.experts.{cand}") for hf, cand in zip(experts, _CAND_PROJ)]
+        swap = swap_expert_names(experts[0], experts[1])
+    rules += [Rename(f"{L}.mlp.{hf}.weight", f"{C}.feed_forward.{cand}.weight") for hf, cand in zip(SWIGLU_NAMES, _CAND_PROJ)]
+
+    # Submodule pairs, in transformers' in-memory names (the MoE block is always `mlp` there).
+    R = "router" if router == "router" else "gate"
+    memory_shared = "shared_expert" if shared == "shared_expert" else "shared_experts"
     modules = [
         ModulePair("model.embed_tokens", "tok_embeddings"),
         ModulePair(f"{L}.input_layernorm", f"{C}.attention_norm"),
         *[ModulePair(f"{L}.self_attn.{hf}", f"{C}.attention.{cand}") for hf, cand in _ATTENTION[attention].items()],
         ModulePair(f"{L}.self_attn", f"{C}.attention"),
         ModulePair(f"{L}.post_attention_layernorm", f"{C}.ffn_norm"),
-        ModulePair(f"{L}.mlp.gate", f"{C}.moe.router", role="router"),
+        ModulePair(f"{L}.mlp.{R}", f"{C}.moe.router", role="router"),
         ModulePair(f"{L}.mlp.experts", f"{C}.moe.experts", role="experts"),
-        ModulePair(f"{L}.mlp.shared_experts", f"{C}.moe.shared_experts"),
+        ModulePair(f"{L}.mlp.{memory_shared}", f"{C}.moe.shared_experts"),
         ModulePair(f"{L}.mlp", f"{C}.moe"),
         ModulePair(f"{L}.mlp", f"{C}.feed_forward"),
         ModulePair(L, C),
         ModulePair("model.norm", "norm"),
         ModulePair("lm_head", "output"),
     ]
-    return KeyMapConverter(rules, modules=modules, disk_prefix=disk_prefix, expert_gate_up=("gate_proj", "up_proj"))
+    return KeyMapConverter(rules, modules=modules, disk_prefix=disk_prefix, swap_gate_up=swap)
+
+
+def deepseek_style(attention: str, *, disk_prefix: str = "") -> KeyMapConverter:
+    """DeepSeek-V3 / GLM-4 MoE / Kimi K2 text towers: the transformers defaults."""
+    return transformers_style(attention, disk_prefix=disk_prefix)

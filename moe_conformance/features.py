@@ -21,14 +21,16 @@ import torch
 LIVENESS_FACTOR = 10.0
 
 State = dict[str, torch.Tensor]
-Ablation = Callable[[Any, State], State]  # mutates the (copied) model config, returns weights
+# An ablation mutates the (copied) model config and returns the weights to load, or the weights
+# and a function applied to the built model (for what no config field switches off).
+Ablation = Callable[[Any, State], State | tuple[State, Callable[[torch.nn.Module], None]]]
 
 
 def _suffix(state: State, suffix: str) -> list[str]:
     return [k for k in state if k.endswith(suffix)]
 
 
-def _map(state: State, suffix: str, fn) -> State:
+def _map(state: State, suffix: str | tuple[str, ...], fn) -> State:
     keys = _suffix(state, suffix)
     if not keys:
         raise LookupError(f"no weight ending in {suffix!r} to ablate")
@@ -49,14 +51,28 @@ ABLATIONS: dict[str, Ablation] = {
     "routed_scaling": lambda cfg, sd: (_set(cfg, "routed_scaling_factor", 1.0), sd)[1],
     "norm_topk_prob": lambda cfg, sd: (_set(cfg, "norm_topk_prob", not cfg.norm_topk_prob), sd)[1],
     "group_limit": lambda cfg, sd: (_set(cfg, "topk_group", cfg.n_group), sd)[1],
-    "shared_experts": lambda cfg, sd: _map(sd, "shared_experts.down_proj.weight", torch.zeros_like),
+    "shared_experts": lambda cfg, sd: _map(sd, ("shared_experts.down_proj.weight", "shared_expert.down_proj.weight"),
+                                           torch.zeros_like),
     "partial_rotary": lambda cfg, sd: (_rope(cfg, partial_rotary_factor=1.0), sd)[1],
     "rope_interleave": lambda cfg, sd: (_set(cfg, "rope_interleave", not cfg.rope_interleave), sd)[1],
     "yarn_mscale": lambda cfg, sd: (_rope(cfg, mscale_all_dim=0.0), sd)[1],
-    "qk_norm": lambda cfg, sd: (_set(cfg, "use_qk_norm", False), {k: v for k, v in sd.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))})[1],
+    "qk_norm": lambda cfg, sd: (sd, _replace_modules(("self_attn.q_norm", "self_attn.k_norm"), torch.nn.Identity)),
+    "sinks": lambda cfg, sd: _map(sd, "self_attn.sinks", lambda s: torch.full_like(s, -1e9)),
+    "sliding_window": lambda cfg, sd: (_set(cfg, "sliding_window", 10_000), sd)[1],
+    "shared_expert_gate": lambda cfg, sd: _map(sd, "shared_expert_gate.weight", torch.zeros_like),
+    "swiglu_clamp": lambda cfg, sd: (_set(cfg, "swiglu_limit", 1e6), sd)[1],
     "attention_bias": lambda cfg, sd: {k: (torch.zeros_like(v) if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) else v) for k, v in sd.items()},
     "norm_eps": lambda cfg, sd: (_set(cfg, "rms_norm_eps", 1e-6 if cfg.rms_norm_eps >= 1e-5 else 1e-5), sd)[1],
 }
+
+
+def _replace_modules(suffixes: tuple[str, ...], factory):
+    def patch(model: torch.nn.Module) -> None:
+        for name, _ in list(model.named_modules()):
+            if name.endswith(suffixes):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, factory())
+    return patch
 
 
 def ablated_reference(case, feature: str):
@@ -64,8 +80,12 @@ def ablated_reference(case, feature: str):
     if feature not in ABLATIONS:
         raise KeyError(f"no ablation for feature {feature!r}; add one to moe_conformance.features.ABLATIONS")
     config = copy.deepcopy(case.config)
-    state = ABLATIONS[feature](case.spec.model_config(config), dict(case.reference_state))
-    return case.reference(config=config, state=state, strict=False)
+    result = ABLATIONS[feature](case.spec.model_config(config), dict(case.reference_state))
+    state, patch = result if isinstance(result, tuple) else (result, None)
+    model = case.reference(config=config, state=state, strict=False)
+    if patch:
+        patch(model)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +114,9 @@ def choice_margins(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, 
     """Per token: the gap between the k-th and (k+1)-th expert choice score, and (grouped
     routing) between the last kept and the first dropped group score. A gap near float noise
     means a routing decision another CPU could take differently."""
-    scores = logits.float().sigmoid() if scoring == "sigmoid" else logits.float().softmax(-1)
+    # softmax routers select the top-k of the logits (softmax is monotonic): measure there, where
+    # a gap is not squashed by the normalization
+    scores = logits.float().sigmoid() if scoring == "sigmoid" else logits.float()
     choice = scores + bias if bias is not None else scores
     out = {}
     if n_group > 1:

@@ -140,7 +140,7 @@ class Conformance:
             if ref is None or ref.variant is None:
                 continue
             spec = self._spec(ref.arch)
-            xf = spec.expected_failure(item.originalname, family_of(item), ref.variant)
+            xf = spec.expected_failure(item.originalname, family_of(item), ref.variant, item.name)
             if xf is not None:
                 item.add_marker(pytest.mark.xfail(reason=xf.reason, strict=True))
 

@@ -23,8 +23,10 @@ EMBED_STD = 0.02
 
 
 @torch.no_grad()
-def adversarial_init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Re-initialize a transformers reference model in place (names in its own namespace)."""
+def adversarial_init_(model: torch.nn.Module, seed: int, gains: dict[str, float] | None = None) -> torch.nn.Module:
+    """Re-initialize a transformers reference model in place (names in its own namespace).
+    ``gains`` multiplies the tensors whose names end with a key (an arch's way to reach a
+    nonlinear limit, e.g. gpt-oss's SwiGLU clamp)."""
     gen = torch.Generator().manual_seed(seed)
 
     def normal(shape, std):
@@ -45,6 +47,8 @@ def adversarial_init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             value = normal(t.shape, HEAD_GAIN * t.shape[-1] ** -0.5)
         elif t.ndim == 1 and "norm" in name:
             value = uniform(t.shape, 0.6, 1.4)
+        elif name.endswith("sinks"):  # comparable to attention logits, so they take real mass
+            value = normal(t.shape, 1.0)
         elif t.ndim == 1:
             value = normal(t.shape, 0.1)
         elif t.ndim == 3:  # stacked experts: [E, out, in] (or transposed); each expert its own scale
@@ -52,7 +56,8 @@ def adversarial_init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             value = normal(t.shape, 1.0) * per_expert * min(t.shape[1:]) ** -0.5
         else:
             value = normal(t.shape, t.shape[-1] ** -0.5)
-        t.copy_(value.to(t.dtype))
+        gain = next((g for suffix, g in (gains or {}).items() if name.endswith(suffix)), 1.0)
+        t.copy_((value * gain).to(t.dtype))
     return model
 
 

@@ -38,7 +38,7 @@ def test_sizes_pairwise_distinct(arch, record):
 
 def test_routing_topology(arch, record):
     cfg = arch.model_config
-    E, k = getattr(cfg, "n_routed_experts", None) or cfg.num_local_experts, cfg.num_experts_per_tok
+    E, k = arch.num_experts, cfg.num_experts_per_tok
     n_group, topk_group = getattr(cfg, "n_group", 1) or 1, getattr(cfg, "topk_group", 1) or 1
     record(figures={"experts": E, "top_k": k, "n_group": n_group, "topk_group": topk_group})
     assert 1 < k < E, f"{arch.id}: top_k={k} must be > 1 and < num_experts={E} so selection matters"
@@ -65,13 +65,14 @@ def _routing(arch):
         batch = arch.batches[name]
         for router, (logits, _, indices) in router_outputs(model, batch, routers).items():
             valid = batch.valid.flatten()
-            per_router[router].append((logits[valid], indices[valid], state.get(f"{router}.e_score_correction_bias")))
+            bias = state.get(f"{router}.e_score_correction_bias", state.get(f"{router.rpartition('.')[0]}.e_score_correction_bias"))
+            per_router[router].append((logits[valid], indices[valid], bias))
     return {r: chunks for r, chunks in per_router.items() if chunks}, cfg
 
 
 def test_every_expert_routed(arch, record):
     per_router, cfg = _routing(arch)
-    E = getattr(cfg, "n_routed_experts", None) or cfg.num_local_experts
+    E = arch.num_experts
     idle = {}
     for router, chunks in per_router.items():
         load = torch.bincount(torch.cat([i.flatten() for _, i, _ in chunks]), minlength=E)

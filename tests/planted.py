@@ -146,7 +146,7 @@ def _gate_up_swapped(conv: KeyMapConverter) -> KeyMapConverter:
         return rule
 
     return KeyMapConverter([fix(r) for r in conv.rules], modules=conv.modules, disk_prefix=conv.disk_prefix,
-                           expert_gate_up=conv.expert_gate_up)
+                           swap_gate_up=conv.swap_gate_up)
 
 
 def _permuted(conv):

@@ -38,8 +38,11 @@ class MoEConfig:
     rotary_dim: int = 0  # partial rotary: the leading rotary_dim dims of each head rotate
     rope_interleave: bool = False
     yarn: YarnParams | None = None
-    attention_bias: bool = False
-    qk_norm: bool = False
+    attention_bias: bool = False  # q/k/v projections
+    o_bias: bool = False  # output projection (gpt-oss)
+    qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3, GLM); "full": over all heads (OLMoE, MiniMax-M2)
+    sinks: bool = False  # a learned per-head logit that absorbs attention mass (gpt-oss)
+    windows: tuple[int | None, ...] = ()  # per layer: sliding window length, or None for full attention
     # MLA
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -52,13 +55,21 @@ class MoEConfig:
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
-    router_scoring: str = "sigmoid"  # "sigmoid" | "softmax"
+    # "sigmoid" (DeepSeek), "softmax" (softmax over all experts, then top-k: Mixtral, Qwen),
+    # "softmax_topk" (top-k of the logits, softmax over those k: gpt-oss)
+    router_scoring: str = "sigmoid"
+    router_bias: bool = False
     correction_bias: bool = False
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     shared_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # sigmoid(x @ g) scales the shared expert (Qwen2-MoE)
+    expert_bias: bool = False  # per-expert projection biases (gpt-oss)
+    activation: str = "swiglu"  # "swiglu" | "clamped_swiglu" (gpt-oss: clamp, alpha, (up + 1))
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     tie_embeddings: bool = False
     experts_backend: str = "torch"  # "torch" | "triton" (moe_conformance.kernels)
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -107,12 +118,26 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
             truncate=rope.get("truncate", True),
         )
     n_shared = _first(hf, "n_shared_experts", default=0)
-    moe_inter = _first(hf, "moe_intermediate_size", default=0)
-    first_dense = _first(hf, "first_k_dense_replace", default=0)
+    experts = _first(hf, "n_routed_experts", "num_experts", "num_local_experts")
+    moe_inter = _first(hf, "moe_intermediate_size", default=hf.intermediate_size)
+    layers = hf.num_hidden_layers
+    # Dense (non-MoE) layers: DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers and
+    # decoder_sparse_step.
+    step = _first(hf, "decoder_sparse_step", default=1)
+    dense = set(range(_first(hf, "first_k_dense_replace", default=0)))
+    dense |= set(_first(hf, "mlp_only_layers", default=()) or ())
+    dense |= {i for i in range(layers) if (i + 1) % step}
+    window = _first(hf, "sliding_window") or None
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types:
+        windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
+    else:
+        windows = (window,) * layers
+    qk_norm = "head" if getattr(hf, "use_qk_norm", False) else "none"
     cfg = MoEConfig(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers,
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=_first(hf, "num_key_value_heads", default=heads),
         head_dim=head_dim,
@@ -122,16 +147,17 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
         rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         rope_interleave=bool(getattr(hf, "rope_interleave", False)),
         yarn=yarn,
-        attention_bias=bool(getattr(hf, "attention_bias", False)),
-        qk_norm=bool(getattr(hf, "use_qk_norm", False)),
+        attention_bias=bool(_first(hf, "attention_bias", "qkv_bias", default=False)),
+        qk_norm=qk_norm,
+        windows=windows,
         q_lora_rank=getattr(hf, "q_lora_rank", None),
         kv_lora_rank=getattr(hf, "kv_lora_rank", 0) or 0,
         qk_nope_head_dim=getattr(hf, "qk_nope_head_dim", 0) or 0,
         qk_rope_head_dim=getattr(hf, "qk_rope_head_dim", 0) or 0,
         v_head_dim=getattr(hf, "v_head_dim", 0) or 0,
         intermediate_size=hf.intermediate_size,
-        dense_layers=frozenset(range(first_dense)),
-        num_experts=_first(hf, "n_routed_experts", "num_experts", "num_local_experts"),
+        dense_layers=frozenset(dense),
+        num_experts=experts,
         top_k=hf.num_experts_per_tok,
         moe_intermediate_size=moe_inter,
         router_scoring=router_scoring,
@@ -140,7 +166,9 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
         topk_group=_first(hf, "topk_group", default=1),
         norm_topk_prob=bool(_first(hf, "norm_topk_prob", default=False)),
         routed_scaling_factor=float(_first(hf, "routed_scaling_factor", default=1.0)),
-        shared_intermediate_size=moe_inter * n_shared,
+        shared_intermediate_size=_first(hf, "shared_expert_intermediate_size", default=moe_inter * n_shared),
+        swiglu_alpha=float(_first(hf, "swiglu_alpha", default=1.702)),
+        swiglu_limit=float(_first(hf, "swiglu_limit", default=7.0)),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
     )
     if attention == "mla":

@@ -105,12 +105,15 @@ class Rotary(nn.Module):
 
 
 def attention_bias(
-    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seq_len: int
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seq_len: int, window: int | None = None
 ) -> torch.Tensor:
-    """Additive [B, 1, S, S] fp32 mask: causal, padded keys removed, and, when no padding mask
-    is given, packed documents kept apart (a document starts where positions stop counting up)."""
+    """Additive [B, 1, S, S] fp32 mask: causal (within ``window`` keys when given), padded keys
+    removed, and, when no padding mask is given, packed documents kept apart (a document starts
+    where positions stop counting up)."""
     q = torch.arange(seq_len, device=position_ids.device)
-    allowed = (q[None, :, None] >= q[None, None, :]).expand(position_ids.shape[0], -1, -1)
+    distance = q[:, None] - q[None, :]
+    causal = (distance >= 0) & (distance < window) if window else distance >= 0
+    allowed = causal[None].expand(position_ids.shape[0], -1, -1)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, :].bool()
     else:
@@ -121,14 +124,19 @@ def attention_bias(
     return bias.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """Eager attention; q [B, h, S, d], k/v [B, h_kv, S, d] with h a multiple of h_kv."""
+def attend(q, k, v, bias, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager attention; q [B, h, S, d], k/v [B, h_kv, S, d] with h a multiple of h_kv. A sink is
+    one extra logit per head in the softmax that attends to nothing."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
-    probs = scores.float().softmax(-1).to(q.dtype)
-    return torch.matmul(probs, v).transpose(1, 2).flatten(2)
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale + bias).float()
+    if sinks is not None:
+        sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    return torch.matmul(probs.to(q.dtype), v).transpose(1, 2).flatten(2)
 
 
 class GQAttention(nn.Module):
@@ -140,22 +148,26 @@ class GQAttention(nn.Module):
         self.wq = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
         self.wk = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
         self.wv = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
-        self.wo = nn.Linear(h * d, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.norm_eps)
-            self.k_norm = RMSNorm(d, cfg.norm_eps)
+        self.wo = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(h * d, cfg.norm_eps), RMSNorm(kv * d, cfg.norm_eps)
+        if cfg.sinks:
+            self.sinks = nn.Parameter(torch.zeros(h))
 
     def forward(self, x, rotary: Rotary, cos, sin, bias):
         B, S, _ = x.shape
         d = self.cfg.head_dim
-        q = self.wq(x).view(B, S, -1, d)
-        k = self.wk(x).view(B, S, -1, d)
-        v = self.wv(x).view(B, S, -1, d)
-        if self.cfg.qk_norm:
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, S, -1, d), k.view(B, S, -1, d), v.view(B, S, -1, d)
+        if self.cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        return self.wo(attend(q, k, v, bias, self.softmax_scale))
+        return self.wo(attend(q, k, v, bias, self.softmax_scale, getattr(self, "sinks", None)))
 
 
 class MLAttention(nn.Module):
@@ -216,7 +228,7 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         if cfg.correction_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
@@ -231,7 +243,11 @@ class Router(nn.Module):
 
     def forward(self, x_TH: torch.Tensor):
         cfg = self.cfg
-        logits = F.linear(x_TH.float(), self.gate.weight.float())
+        bias = None if self.gate.bias is None else self.gate.bias.float()
+        logits = F.linear(x_TH.float(), self.gate.weight.float(), bias)
+        if cfg.router_scoring == "softmax_topk":
+            top = logits.topk(cfg.top_k, dim=-1)
+            return logits, top.values.softmax(-1), top.indices
         scores = logits.sigmoid() if cfg.router_scoring == "sigmoid" else logits.softmax(-1)
         choice = scores + self.expert_bias if cfg.correction_bias else scores
         if cfg.n_group > 1:
@@ -248,7 +264,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts with stacked weights; ``backend`` picks the torch path or the kernels."""
+    """E gated experts with stacked weights (and, for gpt-oss, biases and the clamped SwiGLU);
+    ``backend`` picks the torch path or the kernels."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -259,10 +276,21 @@ class Experts(nn.Module):
         nn.init.normal_(self.w1, std=H**-0.5)
         nn.init.normal_(self.w3, std=H**-0.5)
         nn.init.normal_(self.w2, std=I**-0.5)
+        if cfg.expert_bias:
+            self.b1, self.b3, self.b2 = (nn.Parameter(torch.zeros(E, n)) for n in (I, I, H))
+        self.cfg = cfg
         self.backend = cfg.experts_backend
 
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.cfg.activation == "clamped_swiglu":
+            limit = self.cfg.swiglu_limit
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            return (up + 1) * gate * torch.sigmoid(gate * self.cfg.swiglu_alpha)
+        return F.silu(gate) * up
+
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        if self.backend != "torch":
+        biased = hasattr(self, "b1")
+        if self.backend != "torch" and not biased and self.cfg.activation == "swiglu":
             from moe_conformance.kernels import moe_experts
 
             return moe_experts(x_TH, indices_TK, weights_TK, self.w1, self.w3, self.w2, backend=self.backend)
@@ -270,7 +298,8 @@ class Experts(nn.Module):
         for e in indices_TK.unique().tolist():
             token, slot = torch.where(indices_TK == e)
             h = x_TH[token]
-            y = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+            b1, b3, b2 = (self.b1[e], self.b3[e], self.b2[e]) if biased else (None, None, None)
+            y = F.linear(self.activation(F.linear(h, self.w1[e], b1), F.linear(h, self.w3[e], b3)), self.w2[e], b2)
             out.index_add_(0, token, (y * weights_TK[token, slot, None]).to(out.dtype))
         return out
 
@@ -282,19 +311,25 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         if cfg.shared_intermediate_size:
             self.shared_experts = FeedForward(cfg.hidden_size, cfg.shared_intermediate_size)
+            if cfg.shared_expert_gate:
+                self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_TH = x.reshape(-1, x.shape[-1])
         logits, weights, indices = self.router(x_TH)
         out = self.experts(x_TH, indices, weights)
         if hasattr(self, "shared_experts"):
-            out = out + self.shared_experts(x_TH)
+            shared = self.shared_experts(x_TH)
+            if hasattr(self, "shared_gate"):
+                shared = torch.sigmoid(self.shared_gate(x_TH)) * shared
+            out = out + shared
         return out.view_as(x), logits
 
 
 class Block(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
+        self.window = cfg.windows[layer] if cfg.windows else None
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -303,8 +338,8 @@ class Block(nn.Module):
         else:
             self.moe = MoE(cfg)
 
-    def forward(self, x, rotary, cos, sin, bias):
-        x = x + self.attention(self.attention_norm(x), rotary, cos, sin, bias)
+    def forward(self, x, rotary, cos, sin, biases):
+        x = x + self.attention(self.attention_norm(x), rotary, cos, sin, biases[self.window])
         h = self.ffn_norm(x)
         if hasattr(self, "moe"):
             y, router_logits = self.moe(h)
@@ -330,12 +365,12 @@ class MoETransformer(nn.Module):
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device)[None].expand(B, -1)
-        bias = attention_bias(attention_mask, position_ids, S)
+        biases = {w: attention_bias(attention_mask, position_ids, S, w) for w in {layer.window for layer in self.layers}}
         cos, sin = self.rotary(position_ids)
         x = self.tok_embeddings(input_ids)
         router_logits = []
         for layer in self.layers:
-            x, logits = layer(x, self.rotary, cos, sin, bias)
+            x, logits = layer(x, self.rotary, cos, sin, biases)
             if logits is not None:
                 router_logits.append(logits)
         return CausalLMOutput(logits=self.output(self.norm(x)), router_logits=tuple(router_logits))

@@ -1,0 +1,32 @@
+"""Mixtral (``mixtral``): the plain softmax MoE.
+
+Differs from the DeepSeek family: softmax over all experts, top-k, always renormalized (no
+norm_topk_prob field); no shared or dense layers (``intermediate_size`` is the expert size);
+GQA without biases; an optional sliding window; on disk the block is
+``block_sparse_moe.experts.N.w1/w2/w3``; a softmax load-balancing aux loss.
+"""
+
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from moe_conformance import ArchSpec, Capabilities, Variant
+from moe_conformance.convert import MIXTRAL_NAMES, transformers_style
+from moe_conformance.modeling import native_candidate
+
+# hidden 64, expert 40, head 16 (hidden / heads); 8 experts top-2 as released.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
+            max_position_embeddings=64, sliding_window=None, tie_word_embeddings=False)
+
+ARCH = ArchSpec(
+    name="mixtral",
+    description=__doc__,
+    variants=(
+        Variant("faithful", lambda: MixtralConfig(**TINY), frozenset({"norm_eps"})),
+        Variant("sliding", lambda: MixtralConfig(**{**TINY, "sliding_window": 6}), frozenset({"norm_eps", "sliding_window"}),
+                "a sliding window (6) shorter than the test sequence (20)"),
+    ),
+    reference=MixtralForCausalLM,
+    candidate=native_candidate(attention="gqa", router_scoring="softmax", norm_topk_prob=True),
+    converter=transformers_style("gqa", moe="block_sparse_moe", experts=MIXTRAL_NAMES),
+    capabilities=Capabilities(router_scoring="softmax", attention="gqa", aux_loss=True),
+)
