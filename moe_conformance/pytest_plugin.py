@@ -48,6 +48,10 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    if not config.getoption("device").startswith("cuda"):
+        # Triton kernels run on CPU only under the interpreter, which must be chosen before the
+        # first `import triton` of the process (collection imports transformers, which may).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     known, plugin_names = registry.discover(config.getoption("arch_plugin"))
     try:
         selected = registry.select(known, config.getoption("arch"), plugin_names)

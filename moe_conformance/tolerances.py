@@ -65,6 +65,33 @@ PROFILES: dict[tuple[str, str], Profile] = {
         },
         why="fp32 semantic parity: gates ~10x the measured fp32-vs-fp64 floor (benchmarks/noise_floor.py)",
     ),
+    ("kernels_in_reference", "float32"): Profile(
+        gates={
+            # the kernels inside transformers' model vs its eager experts, fp32 (Triton
+            # interpreter on CPU): floor 6.7e-6 on logits, 1.3e-6 relative on gradients
+            "max_abs_logit_delta": Gate(5e-4),
+            "max_grad_relative_delta": Gate(2e-5),
+        },
+        why="same math, different summation order: gates >= 15x the measured floor",
+    ),
+    ("router_grad", "float32"): Profile(
+        gates={
+            **{f"grad_rel_delta.{g}": Gate(1e-3) for g in ("attention", "router", "experts", "shared", "norms", "embeddings", "dense", "other")},
+            "aux_rel_delta": Gate(1e-4),
+            "z_rel_delta": Gate(1e-4),
+            "balance_ratio": Gate(0.75),
+        },
+        why="placeholder",
+    ),
+    ("sft", "float32"): Profile(
+        gates={
+            "loss_ratio": Gate(0.7),
+            "loss_delta_early": Gate(1e-2),
+            "loss_delta_max": Gate(0.5),
+            "lr_rel_delta": Gate(1e-6),
+        },
+        why="placeholder",
+    ),
 }
 
 

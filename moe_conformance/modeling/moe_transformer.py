@@ -288,12 +288,23 @@ class Experts(nn.Module):
             return (up + 1) * gate * torch.sigmoid(gate * self.cfg.swiglu_alpha)
         return F.silu(gate) * up
 
+    def kernel_unsupported(self) -> str | None:
+        """Why moe_conformance.kernels cannot compute these experts (None: they can)."""
+        if hasattr(self, "b1"):
+            return "experts with biases"
+        if self.cfg.activation != "swiglu":
+            return f"the {self.cfg.activation} activation"
+        return None
+
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        biased = hasattr(self, "b1")
-        if self.backend != "torch" and not biased and self.cfg.activation == "swiglu":
+        if self.backend != "torch":
+            why = self.kernel_unsupported()
+            if why:
+                raise NotImplementedError(f"experts backend {self.backend!r} does not compute {why}")
             from moe_conformance.kernels import moe_experts
 
             return moe_experts(x_TH, indices_TK, weights_TK, self.w1, self.w3, self.w2, backend=self.backend)
+        biased = hasattr(self, "b1")
         out = torch.zeros_like(x_TH)
         for e in indices_TK.unique().tolist():
             token, slot = torch.where(indices_TK == e)
