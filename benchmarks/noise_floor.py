@@ -5,7 +5,7 @@ For every built-in arch variant, several seeds and every input case: the larger 
 the KL of each fp32 model to the fp64 reference. The fp64 reference is run per batch row with
 the padding stripped (transformers' eager attention turns fully padded rows into NaN in fp64,
 and the NaN reaches valid tokens: FACTS.md). Also: fp32 reference vs fp32 candidate directly,
-which is what the suite gates.
+which is what the suite gates. Input cases the arch declares as expected failures are skipped.
 
     .venv/bin/python benchmarks/noise_floor.py [--seeds 5] [--arch glm4_moe,kimi_k25]
 
@@ -45,7 +45,9 @@ def measure(case: ArchCase) -> dict[str, float]:
     ref32, cand32 = case.reference(), case.candidate()
     ref64 = copy.deepcopy(ref32).double()
     worst = {"ref32_vs_64": 0.0, "cand32_vs_64": 0.0, "cand_vs_ref32": 0.0, "kl_mean": 0.0, "kl_max": 0.0}
-    for batch in case.batches.values():
+    for name, batch in case.batches.items():
+        if case.spec.expected_failure("test_logit_parity", "logit_parity", case.variant.name, f"{case.id}-{name}"):
+            continue  # a known divergence of the reference, not noise
         with torch.no_grad():
             r32 = logits_of(ref32(**batch.kwargs, use_cache=False))[batch.valid].double()
             c32 = logits_of(cand32(**batch.kwargs))[batch.valid].double()
