@@ -72,13 +72,14 @@ class KeyMapConverter:
     """``to_candidate`` / ``to_hf`` / ``module_pairs`` from a declarative rule list."""
 
     def __init__(self, rules: list[Rename | StackExperts | Transform], *, modules: list[ModulePair] = (),
-                 disk_prefix: str = "", swap_gate_up=None):
+                 disk_prefix: str = "", misreadings: dict | None = None):
         self.rules = list(rules)
         self.modules = list(modules)
         self.disk_prefix = disk_prefix
-        # on-disk state -> the same with every expert's gate and up exchanged, so a diagnosis
-        # can say "gate and up are swapped" rather than "matches nothing"
-        self.swap_gate_up = swap_gate_up
+        # Known ways to misread this format, each as "on-disk state -> the state that, read
+        # correctly, computes what the misreading computes"; a diagnosis that finds a match can
+        # name the fault ("gate and up are swapped") rather than say "matches nothing".
+        self.misreadings = dict(misreadings or {})
         self._hf = [(_pattern(disk_prefix + r.hf), r) for r in self.rules]
         self._cand = [(_pattern(c), r) for r in self.rules for c in (r.cands if isinstance(r, Transform) else [r.cand])]
 
@@ -204,14 +205,19 @@ def _interleaved_bias_join(gate, up):
     return torch.stack((gate, up), dim=2).flatten(1, 2).contiguous()
 
 
-def _swap_interleaved(state):
-    out = {}
-    for k, v in state.items():
-        if k.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
-            pairs = v.unflatten(-1, (-1, 2))
-            v = pairs.flip(-1).flatten(-2).contiguous()
-        out[k] = v
-    return out
+def _on_fused_gate_up(fn):
+    def apply(state):
+        return {k: (fn(v).contiguous() if k.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")) else v)
+                for k, v in state.items()}
+    return apply
+
+
+# gate/up exchanged within each interleaved pair
+_swap_interleaved = _on_fused_gate_up(lambda v: v.unflatten(-1, (-1, 2)).flip(-1).flatten(-2))
+# what a reader that takes the halves (gate = first I columns) computes, laid out interleaved
+_concatenated_misread = _on_fused_gate_up(lambda v: v.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2))
+
+GATE_UP_SWAPPED = "gate and up projections are swapped"
 
 
 def transformers_style(
@@ -262,10 +268,13 @@ def transformers_style(
                       lambda w2: w2.transpose(-1, -2).contiguous()),
             Rename(f"{E}.down_proj_bias", f"{C}.moe.experts.b2"),
         ]
-        swap = _swap_interleaved
+        misreadings = {
+            GATE_UP_SWAPPED: _swap_interleaved,
+            "gate/up read as concatenated halves, but the file interleaves them column by column": _concatenated_misread,
+        }
     else:
         rules += [StackExperts(f"{M}.experts.{{e}}.{hf}.weight", f"{C}.moe.experts.{cand}") for hf, cand in zip(experts, _CAND_PROJ)]
-        swap = swap_expert_names(experts[0], experts[1])
+        misreadings = {GATE_UP_SWAPPED: swap_expert_names(experts[0], experts[1])}
     rules += [Rename(f"{L}.mlp.{hf}.weight", f"{C}.feed_forward.{cand}.weight") for hf, cand in zip(SWIGLU_NAMES, _CAND_PROJ)]
 
     # Submodule pairs, in transformers' in-memory names (the MoE block is always `mlp` there).
@@ -286,7 +295,7 @@ def transformers_style(
         ModulePair("model.norm", "norm"),
         ModulePair("lm_head", "output"),
     ]
-    return KeyMapConverter(rules, modules=modules, disk_prefix=disk_prefix, swap_gate_up=swap)
+    return KeyMapConverter(rules, modules=modules, disk_prefix=disk_prefix, misreadings=misreadings)
 
 
 def deepseek_style(attention: str, *, disk_prefix: str = "") -> KeyMapConverter:

@@ -68,18 +68,22 @@ def test_candidate_expert_layout(arch, record):
         _fail(arch, "the candidate's stacked experts do not hold the file's experts in order", problems)
 
 
-def _swapped_gate_up(arch, tmp_path):
-    swap = getattr(arch.spec.converter, "swap_gate_up", None)
-    if swap is None:
-        return None
+def _misread_references(arch, tmp_path):
+    """{fault: reference loaded from the file as that misreading would read it}."""
+    misreadings = getattr(arch.spec.converter, "misreadings", {})
+    if not misreadings:
+        return {}
     source = arch.save_reference(tmp_path / "original")
-    folder = write_checkpoint(tmp_path / "swapped", swap(arch.disk_state), source)
-    return load_reference(type(arch.reference()), folder, getattr(arch.spec.converter, "disk_prefix", ""))
+    prefix = getattr(arch.spec.converter, "disk_prefix", "")
+    return {
+        fault: load_reference(type(arch.reference()), write_checkpoint(tmp_path / f"misread{n}", misread(arch.disk_state), source), prefix)
+        for n, (fault, misread) in enumerate(misreadings.items())
+    }
 
 
 def test_expert_functions_match_file(arch, record, tmp_path):
     """Each candidate expert computes the file's expert of the same index: a permutation or a
-    gate/up exchange inside the candidate shows up here even if both converters agree on it."""
+    gate/up misreading inside the candidate shows up here even if both converters agree on it."""
     pairs = [p for p in arch.module_pairs() if p.role == "experts"]
     ref, cand = arch.reference(), arch.candidate()
     ref_mods, cand_mods = dict(ref.named_modules()), dict(cand.named_modules())
@@ -88,7 +92,7 @@ def test_expert_functions_match_file(arch, record, tmp_path):
         pytest.skip(f"{arch.id}: the converter declares no (reference, candidate) experts module pair")
     E = arch.num_experts
     x = torch.randn(7, arch.model_config.hidden_size, generator=torch.Generator().manual_seed(arch.case_seed))
-    problems, worst, swapped_model = [], 0.0, None
+    problems, worst, misread = [], 0.0, None
     for pair in pairs:
         want = expert_outputs(ref_mods[pair.ref], x, E).double()
         got = expert_outputs(cand_mods[pair.cand], x, E).double()
@@ -102,14 +106,12 @@ def test_expert_functions_match_file(arch, record, tmp_path):
             if delta[best] <= EXPERT_MATCH_RELATIVE:
                 problems.append(f"{pair.cand} expert {e} computes the file's expert {best} (experts permuted)")
                 continue
-            if swapped_model is None:
-                swapped_model = _swapped_gate_up(arch, tmp_path) or False
-            if swapped_model:
-                alt = expert_outputs(dict(swapped_model.named_modules())[pair.ref], x, E).double()
-                if (got[e] - alt[e]).abs().max() / scale <= EXPERT_MATCH_RELATIVE:
-                    problems.append(f"{pair.cand} expert {e}: gate and up projections are swapped")
-                    continue
-            problems.append(f"{pair.cand} expert {e} matches no expert of the file (relative max|delta| {float(delta[e]):.3g})")
+            misread = _misread_references(arch, tmp_path) if misread is None else misread
+            fault = next((fault for fault, model in misread.items()
+                          if (got[e] - expert_outputs(dict(model.named_modules())[pair.ref], x, E).double()[e]).abs().max()
+                          <= EXPERT_MATCH_RELATIVE * scale), None)
+            problems.append(f"{pair.cand} expert {e}: {fault}" if fault else
+                            f"{pair.cand} expert {e} matches no expert of the file (relative max|delta| {float(delta[e]):.3g})")
     record(figures={"expert_max_relative_delta": worst}, thresholds={"expert_max_relative_delta": EXPERT_MATCH_RELATIVE})
     if problems:
         _fail(arch, "candidate experts do not compute the file's experts", problems[:8])

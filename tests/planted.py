@@ -13,8 +13,9 @@ import types
 import torch
 
 from moe_conformance.convert import KeyMapConverter, StackExperts
-from moe_conformance.modeling import MoETransformer, from_hf
-from moe_conformance.modeling.moe_transformer import GQAttention, MLAttention, Router
+from moe_conformance.convert import Transform
+from moe_conformance.modeling import MoETransformer, native_candidate
+from moe_conformance.modeling.moe_transformer import MoE, GQAttention, MLAttention, RMSNorm, Router
 from moe_conformance.registry import discover
 
 
@@ -25,11 +26,11 @@ def base_spec(arch: str):
 
 def _native(spec, overrides):
     """The built-in candidate with config overrides (a bug in the team's config reading)."""
-    attention = spec.capabilities.attention
+    options = dict(spec.candidate.options)
 
     def build(config):
-        hf = spec.model_config(config)
-        return MoETransformer(from_hf(hf, attention=attention, router_scoring=spec.capabilities.router_scoring, **overrides(hf)))
+        extra = overrides(spec.model_config(config))
+        return native_candidate(**{**options, **extra})(config)
 
     return build
 
@@ -109,6 +110,39 @@ def _raises(model):
     model.forward = forward
 
 
+def _sinks_dropped(model):
+    def forward(self, *args):
+        sinks = self._parameters.pop("sinks")  # the bug: attention runs without its sinks
+        try:
+            return GQAttention.forward(self, *args)
+        finally:
+            self._parameters["sinks"] = sinks
+
+    _each(model, GQAttention, lambda m: setattr(m, "forward", types.MethodType(forward, m)))
+
+
+def _shared_gate_without_sigmoid(model):
+    def forward(self, x):
+        x_TH = x.reshape(-1, x.shape[-1])
+        logits, weights, indices = self.router(x_TH)
+        out = self.experts(x_TH, indices, weights) + self.shared_gate(x_TH) * self.shared_experts(x_TH)
+        return out.view_as(x), logits
+
+    _each(model, MoE, lambda m: setattr(m, "forward", types.MethodType(forward, m)))
+
+
+class _NormNotApplied(RMSNorm):
+    def forward(self, x):
+        return x
+
+
+def _qk_norm_skipped(model):
+    for module in list(model.modules()):
+        if isinstance(module, GQAttention) and hasattr(module, "q_norm"):
+            module.q_norm = _NormNotApplied(module.q_norm.weight.shape[0], module.q_norm.eps)
+            module.k_norm = _NormNotApplied(module.k_norm.weight.shape[0], module.k_norm.eps)
+
+
 # ---- converter bugs
 
 
@@ -146,7 +180,25 @@ def _gate_up_swapped(conv: KeyMapConverter) -> KeyMapConverter:
         return rule
 
     return KeyMapConverter([fix(r) for r in conv.rules], modules=conv.modules, disk_prefix=conv.disk_prefix,
-                           swap_gate_up=conv.swap_gate_up)
+                           misreadings=conv.misreadings)
+
+
+def _interleave_misread(conv: KeyMapConverter) -> KeyMapConverter:
+    """gpt-oss's fused gate_up_proj (and its bias) read as [gate | up] halves, both directions."""
+    def halves(t):
+        half = t.shape[1] // 2
+        return t[:, :half].contiguous(), t[:, half:].contiguous()
+
+    def fix(rule):
+        if isinstance(rule, Transform) and rule.hf.endswith("experts.gate_up_proj"):
+            return Transform(rule.hf, rule.cands, lambda t: halves(t.transpose(-1, -2)),
+                             lambda g, u: torch.cat((g, u), dim=1).transpose(-1, -2).contiguous())
+        if isinstance(rule, Transform) and rule.hf.endswith("experts.gate_up_proj_bias"):
+            return Transform(rule.hf, rule.cands, halves, lambda g, u: torch.cat((g, u), dim=1))
+        return rule
+
+    return KeyMapConverter([fix(r) for r in conv.rules], modules=conv.modules, disk_prefix=conv.disk_prefix,
+                           misreadings=conv.misreadings)
 
 
 def _permuted(conv):
@@ -187,7 +239,23 @@ BUGS = {
     "position_ids_positional": ("kimi_k25", lambda s: s.replace(candidate=_patched(s, _position_ids_positional))),
     "returns_nan": ("glm4_moe", lambda s: s.replace(candidate=_patched(s, _returns_nan))),
     "raises": ("glm4_moe", lambda s: s.replace(candidate=_patched(s, _raises))),
+    # architecture-specific features (issue: architecture coverage)
+    "sinks_dropped": ("gpt_oss", lambda s: s.replace(candidate=_patched(s, _sinks_dropped))),
+    "sliding_window_ignored": ("gpt_oss", lambda s: s.replace(candidate=_native(s, lambda hf: {"windows": ()}))),
+    "clamp_removed": ("gpt_oss", lambda s: s.replace(candidate=_native(s, lambda hf: {"swiglu_limit": 1e9}))),
+    "interleave_misread": ("gpt_oss", lambda s: s.replace(converter=_interleave_misread(s.converter))),
+    "shared_gate_sigmoid_dropped": ("qwen2_moe", lambda s: s.replace(candidate=_patched(s, _shared_gate_without_sigmoid))),
+    "qk_norm_skipped": ("qwen3_moe", lambda s: s.replace(candidate=_patched(s, _qk_norm_skipped))),
+    "softmax_norm_topk_flipped": ("qwen3_moe", lambda s: s.replace(candidate=_native(s, lambda hf: {"norm_topk_prob": not hf.norm_topk_prob}))),
+    "yarn_mscale_all_dim_ignored": ("deepseek_v3", lambda s: s.replace(candidate=_native(
+        s, lambda hf: {"yarn": dataclasses.replace(_yarn(hf), mscale_all_dim=None)}))),
 }
+
+
+def _yarn(hf):
+    from moe_conformance.modeling import from_hf
+
+    return from_hf(hf, attention="mla", router_scoring="sigmoid").yarn
 
 
 def build(bug: str):

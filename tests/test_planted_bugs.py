@@ -49,6 +49,23 @@ EXPECTED = {
                     ["candidate logits are not finite"]),
     "raises": ("test_logit_parity.py", "faithful", "test_logit_parity",
                ["planted: grouped GEMM launch failed"]),
+    "sinks_dropped": ("test_logit_parity.py", "faithful", "test_logit_parity",
+                      ["first divergence: reference model.layers.0.self_attn"]),
+    "sliding_window_ignored": ("test_logit_parity.py", "faithful", "test_logit_parity",
+                               ["first divergence: reference model.layers.0.self_attn"]),
+    "clamp_removed": ("test_logit_parity.py", "faithful", "test_logit_parity",
+                      ["first divergence: reference model.layers.0.mlp.experts <-> candidate layers.0.moe.experts"]),
+    "interleave_misread": ("test_roundtrip.py", "faithful", "test_expert_functions_match_file",
+                           ["gate/up read as concatenated halves, but the file interleaves them"]),
+    "shared_gate_sigmoid_dropped": ("test_logit_parity.py", "faithful", "test_logit_parity",
+                                    ["first divergence: reference model.layers.0.mlp <-> candidate layers.0.moe",
+                                     "not explained by routing alone"]),
+    "qk_norm_skipped": ("test_logit_parity.py", "faithful", "test_logit_parity",
+                        ["first divergence: reference model.layers.0.self_attn"]),
+    "softmax_norm_topk_flipped": ("test_logit_parity.py", "faithful", "test_logit_parity",
+                                  ["layers.0.moe.router: same experts selected, routing weights differ"]),
+    "yarn_mscale_all_dim_ignored": ("test_logit_parity.py", "yarn_mscale", "test_logit_parity",
+                                    ["first divergence: reference model.layers.0.self_attn"]),
 }
 
 # Bugs that only some input cases can expose, by design of those inputs.

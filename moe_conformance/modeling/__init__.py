@@ -20,6 +20,7 @@ def native_candidate(*, attention: str, router_scoring: str, sub_config: str | N
         return MoETransformer(from_hf(hf, attention=attention, router_scoring=router_scoring, **overrides))
 
     build.describes = f"moe_conformance.modeling.MoETransformer ({attention}, {router_scoring} router)"
+    build.options = dict(attention=attention, router_scoring=router_scoring, sub_config=sub_config, **overrides)
     return build
 
 
