@@ -62,6 +62,7 @@ class MoEConfig:
     correction_bias: bool = False
     n_group: int = 1
     topk_group: int = 1
+    group_score: str = "top2_sum"  # how a group is ranked: sum of its top-2 (DeepSeek-V3) or "max" (V2)
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     shared_intermediate_size: int = 0  # 0: no shared expert
@@ -134,6 +135,10 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
     else:
         windows = (window,) * layers
     qk_norm = "head" if getattr(hf, "use_qk_norm", False) else "none"
+    mlp_types = getattr(hf, "mlp_layer_types", None)  # GLM-4.7-Flash: "dense" / "sparse" per layer
+    if mlp_types:
+        dense |= {i for i, t in enumerate(mlp_types) if t == "dense"}
+    grouped = getattr(hf, "topk_method", None) != "greedy"  # DeepSeek-V2 names its routing
     cfg = MoEConfig(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -162,8 +167,8 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
         moe_intermediate_size=moe_inter,
         router_scoring=router_scoring,
         correction_bias=router_scoring == "sigmoid",
-        n_group=_first(hf, "n_group", default=1),
-        topk_group=_first(hf, "topk_group", default=1),
+        n_group=_first(hf, "n_group", default=1) if grouped else 1,
+        topk_group=_first(hf, "topk_group", default=1) if grouped else 1,
         norm_topk_prob=bool(_first(hf, "norm_topk_prob", default=False)),
         routed_scaling_factor=float(_first(hf, "routed_scaling_factor", default=1.0)),
         shared_intermediate_size=_first(hf, "shared_expert_intermediate_size", default=moe_inter * n_shared),

@@ -252,7 +252,10 @@ class Router(nn.Module):
         choice = scores + self.expert_bias if cfg.correction_bias else scores
         if cfg.n_group > 1:
             grouped = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            if cfg.group_score == "max":
+                group_score = grouped.max(dim=-1).values
+            else:
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)
             keep = torch.zeros_like(group_score, dtype=torch.bool)
             keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
             choice = choice.masked_fill(~keep.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1), float("-inf"))

@@ -1,0 +1,36 @@
+"""GLM-4.7-Flash (``glm4_moe_lite``): GLM's router on DeepSeek's attention.
+
+Differs from glm4_moe: MLA attention (q low rank 768, kv latent 512, nope 192, rope 64, v 256
+in the release) with interleaved RoPE instead of GQA with partial rotary; dense vs sparse
+layers listed in ``mlp_layer_types``; routed scaling 1.8, norm eps 1e-5.
+"""
+
+from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+from moe_conformance import ArchSpec, Capabilities, Variant
+from moe_conformance.convert import transformers_style
+from moe_conformance.modeling import native_candidate
+
+# Sizes pairwise distinct: hidden 64, dense 96, expert 40, q_lora 48, kv_lora 32, nope 16, rope 8, v 24.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=12, num_experts_per_tok=3, n_shared_experts=1,
+            routed_scaling_factor=1.8, norm_topk_prob=True, n_group=1, topk_group=1, rope_interleave=True,
+            mlp_layer_types=["dense", "sparse", "sparse"], rms_norm_eps=1e-5, max_position_embeddings=64,
+            tie_word_embeddings=False)
+COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "shared_experts", "rope_interleave", "norm_eps"}
+
+ARCH = ArchSpec(
+    name="glm4_moe_lite",
+    description=__doc__,
+    variants=(
+        Variant("faithful", lambda: Glm4MoeLiteConfig(**TINY), frozenset(COMMON)),
+        Variant("grouped", lambda: Glm4MoeLiteConfig(**{**TINY, "n_group": 4, "topk_group": 2}),
+                frozenset(COMMON | {"group_limit"}), "group-limited routing, which the code supports"),
+    ),
+    reference=Glm4MoeLiteForCausalLM,
+    candidate=native_candidate(attention="mla", router_scoring="sigmoid"),
+    converter=transformers_style("mla"),
+    capabilities=Capabilities(router_scoring="sigmoid", attention="mla", correction_bias=True,
+                              group_limited_routing=True, shared_experts=True),
+)
