@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import MoEConfig, YarnParams, from_hf
-from .moe_transformer import CausalLMOutput, MoETransformer
+from .moe_transformer import CausalLMOutput, KVCache, MoETransformer
 
 
 def native_candidate(*, attention: str, router_scoring: str, sub_config: str | None = None,
@@ -24,4 +24,4 @@ def native_candidate(*, attention: str, router_scoring: str, sub_config: str | N
     return build
 
 
-__all__ = ["CausalLMOutput", "MoEConfig", "MoETransformer", "YarnParams", "from_hf", "native_candidate"]
+__all__ = ["CausalLMOutput", "KVCache", "MoEConfig", "MoETransformer", "YarnParams", "from_hf", "native_candidate"]

@@ -26,11 +26,33 @@ from torch import nn
 
 from .config import MoEConfig, yarn_mscale
 
+__all__ = ["CausalLMOutput", "KVCache", "MoETransformer"]
+
 
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor
     router_logits: tuple[torch.Tensor, ...] = ()
+    cache: KVCache | None = None
+
+
+class KVCache:
+    """Keys and values seen so far, per layer (after RoPE, expanded per head for MLA), for
+    incremental decoding: pass the same object to every forward of one generation."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.layers:
+            past_k, past_v = self.layers[layer]
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
 
 
 class RMSNorm(nn.Module):
@@ -105,18 +127,21 @@ class Rotary(nn.Module):
 
 
 def attention_bias(
-    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seq_len: int, window: int | None = None
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seq_len: int, window: int | None = None,
+    past: int = 0,
 ) -> torch.Tensor:
-    """Additive [B, 1, S, S] fp32 mask: causal (within ``window`` keys when given), padded keys
-    removed, and, when no padding mask is given, packed documents kept apart (a document starts
-    where positions stop counting up)."""
-    q = torch.arange(seq_len, device=position_ids.device)
-    distance = q[:, None] - q[None, :]
+    """Additive [B, 1, S, past + S] fp32 mask: causal (within ``window`` keys when given), padded
+    keys removed (``attention_mask`` covers past and new tokens), and, when no padding mask is
+    given and nothing is cached, packed documents kept apart (a document starts where positions
+    stop counting up)."""
+    device = position_ids.device
+    q = past + torch.arange(seq_len, device=device)
+    distance = q[:, None] - torch.arange(past + seq_len, device=device)[None, :]
     causal = (distance >= 0) & (distance < window) if window else distance >= 0
     allowed = causal[None].expand(position_ids.shape[0], -1, -1)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, :].bool()
-    else:
+    elif not past:
         step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
         document = (step != 1).cumsum(-1)
         allowed = allowed & (document[:, :, None] == document[:, None, :])
@@ -156,7 +181,7 @@ class GQAttention(nn.Module):
         if cfg.sinks:
             self.sinks = nn.Parameter(torch.zeros(h))
 
-    def forward(self, x, rotary: Rotary, cos, sin, bias):
+    def forward(self, x, rotary: Rotary, cos, sin, bias, cache: KVCache | None = None, layer: int = 0):
         B, S, _ = x.shape
         d = self.cfg.head_dim
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -167,6 +192,8 @@ class GQAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         return self.wo(attend(q, k, v, bias, self.softmax_scale, getattr(self, "sinks", None)))
 
 
@@ -190,7 +217,7 @@ class MLAttention(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, rotary: Rotary, cos, sin, bias):
+    def forward(self, x, rotary: Rotary, cos, sin, bias, cache: KVCache | None = None, layer: int = 0):
         cfg = self.cfg
         B, S, _ = x.shape
         q = self.wq(x) if cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -203,6 +230,8 @@ class MLAttention(nn.Module):
         k_rope = rotary.apply(k_rope[:, None], cos, sin).expand(-1, cfg.num_heads, -1, -1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope), dim=-1)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         return self.wo(attend(q, k, v, bias, self.softmax_scale))
 
 
@@ -343,6 +372,7 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
+        self.index = layer
         self.window = cfg.windows[layer] if cfg.windows else None
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
@@ -352,8 +382,8 @@ class Block(nn.Module):
         else:
             self.moe = MoE(cfg)
 
-    def forward(self, x, rotary, cos, sin, biases):
-        x = x + self.attention(self.attention_norm(x), rotary, cos, sin, biases[self.window])
+    def forward(self, x, rotary, cos, sin, biases, cache: KVCache | None = None):
+        x = x + self.attention(self.attention_norm(x), rotary, cos, sin, biases[self.window], cache, self.index)
         h = self.ffn_norm(x)
         if hasattr(self, "moe"):
             y, router_logits = self.moe(h)
@@ -362,7 +392,8 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """Causal LM. ``forward(input_ids, attention_mask=None, position_ids=None)``."""
+    """Causal LM. ``forward(input_ids, attention_mask=None, position_ids=None, cache=None)``;
+    with a ``KVCache``, ``attention_mask`` (if given) covers the cached and the new tokens."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -375,16 +406,18 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> CausalLMOutput:
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None) -> CausalLMOutput:
         B, S = input_ids.shape
+        past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device)[None].expand(B, -1)
-        biases = {w: attention_bias(attention_mask, position_ids, S, w) for w in {layer.window for layer in self.layers}}
+            position_ids = (past + torch.arange(S, device=input_ids.device))[None].expand(B, -1)
+        windows = {layer.window for layer in self.layers}
+        biases = {w: attention_bias(attention_mask, position_ids, S, w, past) for w in windows}
         cos, sin = self.rotary(position_ids)
         x = self.tok_embeddings(input_ids)
         router_logits = []
         for layer in self.layers:
-            x, logits = layer(x, self.rotary, cos, sin, biases)
+            x, logits = layer(x, self.rotary, cos, sin, biases, cache)
             if logits is not None:
                 router_logits.append(logits)
-        return CausalLMOutput(logits=self.output(self.norm(x)), router_logits=tuple(router_logits))
+        return CausalLMOutput(logits=self.output(self.norm(x)), router_logits=tuple(router_logits), cache=cache)
