@@ -33,7 +33,7 @@ def _fail(arch, what, problems):
 
 
 def _cand_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def test_hf_to_candidate_to_hf_bit_exact(arch, record):
@@ -76,7 +76,8 @@ def _misread_references(arch, tmp_path):
     source = arch.save_reference(tmp_path / "original")
     prefix = getattr(arch.spec.converter, "disk_prefix", "")
     return {
-        fault: load_reference(type(arch.reference()), write_checkpoint(tmp_path / f"misread{n}", misread(arch.disk_state), source), prefix)
+        fault: load_reference(type(arch.reference()), write_checkpoint(tmp_path / f"misread{n}", misread(arch.disk_state), source),
+                              prefix).to(arch.device)
         for n, (fault, misread) in enumerate(misreadings.items())
     }
 
@@ -91,7 +92,7 @@ def test_expert_functions_match_file(arch, record, tmp_path):
     if not pairs:
         pytest.skip(f"{arch.id}: the converter declares no (reference, candidate) experts module pair")
     E = arch.num_experts
-    x = torch.randn(7, arch.model_config.hidden_size, generator=torch.Generator().manual_seed(arch.case_seed))
+    x = torch.randn(7, arch.model_config.hidden_size, generator=torch.Generator().manual_seed(arch.case_seed)).to(arch.device)
     problems, worst, misread = [], 0.0, None
     for pair in pairs:
         want = expert_outputs(ref_mods[pair.ref], x, E).double()
@@ -124,7 +125,7 @@ def test_converted_checkpoint_reloads_into_reference(arch, record, tmp_path):
     exported = arch.spec.converter.to_hf(_cand_state(arch.candidate()))
     folder = write_checkpoint(tmp_path / "converted", exported, source)
     prefix = getattr(arch.spec.converter, "disk_prefix", "")
-    reloaded = load_reference(type(arch.reference()), folder, prefix)
+    reloaded = load_reference(type(arch.reference()), folder, prefix).to(arch.device)
     original = arch.reference()
     worst = 0.0
     with torch.no_grad():

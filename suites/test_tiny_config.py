@@ -66,6 +66,7 @@ def _routing(arch):
         for router, (logits, _, indices) in router_outputs(model, batch, routers).items():
             valid = batch.valid.flatten()
             bias = state.get(f"{router}.e_score_correction_bias", state.get(f"{router.rpartition('.')[0]}.e_score_correction_bias"))
+            bias = None if bias is None else bias.to(logits.device)
             per_router[router].append((logits[valid], indices[valid], bias))
     return {r: chunks for r, chunks in per_router.items() if chunks}, cfg
 
