@@ -14,10 +14,10 @@ from moe_conformance.convert import deepseek_style
 from moe_conformance.modeling import native_candidate
 
 # Released GLM-4.5 settings, scaled down: sizes pairwise distinct (hidden 64, dense 96,
-# expert 40, head 24), 12 experts top-3, routed scaling 2.5, first layer dense, untied head.
+# expert 40, head 32: a size vLLM runs), 12 experts top-3, routed scaling 2.5, first layer dense, untied head.
 TINY = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
-    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     n_routed_experts=12, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
     routed_scaling_factor=2.5, norm_topk_prob=True, n_group=1, topk_group=1,
     attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5, rms_norm_eps=1e-5,

@@ -24,7 +24,7 @@ ARCH = ArchSpec(
     name="glm4_moe_lite",
     description=__doc__,
     variants=(
-        Variant("faithful", lambda: Glm4MoeLiteConfig(**TINY), frozenset(COMMON)),
+        Variant("faithful", lambda: Glm4MoeLiteConfig(**TINY), frozenset(COMMON), seed=1),  # seed 0: a 1e-6 near-tie
         Variant("grouped", lambda: Glm4MoeLiteConfig(**{**TINY, "n_group": 4, "topk_group": 2}),
                 frozenset(COMMON | {"group_limit"}), "group-limited routing, which the code supports"),
     ),

@@ -33,6 +33,8 @@ ARCH = ArchSpec(
     converter=transformers_style("gqa", router="router", experts="fused_interleaved"),
     capabilities=Capabilities(router_scoring="softmax_topk", attention="gqa", aux_loss=True),
     init_gains={"experts.gate_up_proj": 6.0},
+    # the clamp-saturating expert init slows SFT: loss ratio 0.80-0.89 over 5 seeds (others <= 0.64)
+    tolerances={"sft.loss_ratio": 0.95},
     expected_failures=(
         ExpectedFailure("test_logit_parity", "transformers' GptOssModel builds its masks without position_ids, so "
                         "packed documents attend across their boundaries (the other archs keep them apart)",

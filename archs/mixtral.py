@@ -12,9 +12,9 @@ from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.convert import MIXTRAL_NAMES, transformers_style
 from moe_conformance.modeling import native_candidate
 
-# hidden 64, expert 40, head 16 (hidden / heads); 8 experts top-2 as released.
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
+# hidden 64, expert 40, head 32 (hidden / heads, a size vLLM runs); 8 experts top-2 as released.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
             max_position_embeddings=64, sliding_window=None, tie_word_embeddings=False)
 
 ARCH = ArchSpec(

@@ -10,9 +10,9 @@ from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.convert import transformers_style
 from moe_conformance.modeling import native_candidate
 
-# hidden 64, expert 40, head 16; 12 experts top-3.
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, num_experts=12, num_experts_per_tok=3, norm_topk_prob=False, rms_norm_eps=1e-5,
+# hidden 64, expert 40, head 32 (a size vLLM runs); 12 experts top-3.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, num_experts=12, num_experts_per_tok=3, norm_topk_prob=False, rms_norm_eps=1e-5,
             max_position_embeddings=64, pad_token_id=None, eos_token_id=None, tie_word_embeddings=False)
 
 ARCH = ArchSpec(

@@ -11,9 +11,9 @@ from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.convert import transformers_style
 from moe_conformance.modeling import native_candidate
 
-# hidden 64, dense 96, expert 40, shared 56, head 16; 10 experts top-3.
+# hidden 64, dense 96, expert 40, shared 56, head 32 (a size vLLM runs); 10 experts top-3.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
-            shared_expert_intermediate_size=56, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            shared_expert_intermediate_size=56, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             num_experts=10, num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[], rms_norm_eps=1e-6,
             max_position_embeddings=64, tie_word_embeddings=False)
 COMMON = {"shared_experts", "shared_expert_gate", "attention_bias", "norm_topk_prob", "norm_eps"}

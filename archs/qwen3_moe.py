@@ -10,8 +10,9 @@ from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.convert import transformers_style
 from moe_conformance.modeling import native_candidate
 
-# hidden 64, dense 96 (unused unless mlp_only_layers), expert 40, head 24 != 64 / 4; 12 experts top-3.
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, head_dim=24,
+# hidden 64, dense 96 (unused unless mlp_only_layers), expert 40, head 32 != 64 / 4 (vLLM runs
+# head sizes 32..512 in powers of two); 12 experts top-3.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, head_dim=32,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=12, num_experts_per_tok=3,
             norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
 COMMON = {"qk_norm", "norm_topk_prob", "norm_eps"}

@@ -42,7 +42,8 @@ class ArchCase:
         self.variant = spec.variant(variant)
         self.seed = seed
         self.device = torch.device(device)
-        self.case_seed = zlib.crc32(f"{seed}/{spec.name}/{variant}".encode())
+        salt = f"/{self.variant.seed}" if self.variant.seed else ""
+        self.case_seed = zlib.crc32(f"{seed}/{spec.name}/{variant}{salt}".encode())
 
     @property
     def id(self) -> str:

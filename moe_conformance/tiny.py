@@ -96,7 +96,8 @@ def make_batches(vocab_size: int, seed: int) -> dict[str, Batch]:
     a shifted range alone hides it."""
     gen = torch.Generator().manual_seed(seed)
     B, S = 2, SEQ_LEN
-    ids = torch.randint(0, vocab_size, (B, S), generator=gen)
+    # distinct tokens per case: more contexts for the routing-coverage and margin checks
+    ids = {name: torch.randint(0, vocab_size, (B, S), generator=gen) for name in INPUT_CASES}
     arange = torch.arange(S)[None].expand(B, -1)
 
     right = torch.ones(B, S, dtype=torch.long)
@@ -110,9 +111,9 @@ def make_batches(vocab_size: int, seed: int) -> dict[str, Batch]:
 
     packed = torch.stack([packed_positions([8, 12]), packed_positions([5, 9, 6])])
     return {
-        "plain": Batch("plain", ids, None, None),
-        "right_padded": Batch("right_padded", ids, right, None),
-        "left_padded": Batch("left_padded", ids, left, left_positions),
-        "offset_positions": Batch("offset_positions", ids, None, arange + 9),
-        "packed": Batch("packed", ids, None, packed),
+        "plain": Batch("plain", ids["plain"], None, None),
+        "right_padded": Batch("right_padded", ids["right_padded"], right, None),
+        "left_padded": Batch("left_padded", ids["left_padded"], left, left_positions),
+        "offset_positions": Batch("offset_positions", ids["offset_positions"], None, arange + 9),
+        "packed": Batch("packed", ids["packed"], None, packed),
     }
