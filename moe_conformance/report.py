@@ -91,7 +91,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], plots: dict[str, Path] | None = None, base: Path | None = None) -> str:
     env = report["environment"]["versions"]
     lines = [
         f"## MoE conformance: `{report['arch']}`",
@@ -107,10 +107,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {family} | " + " | ".join(str(counts.get(s, 0) or "") for s in STATUSES) + " |")
     lines += ["", "| check | status | key figures | message |", "|---|---|---|---|"]
     for c in report["checks"]:
-        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in list(c["figures"].items())[:4])
+        scalars = [(k, v) for k, v in c["figures"].items() if not isinstance(v, (list, dict))]  # curves go to plots
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in scalars[:4])
         message = (c["message"] or "").splitlines()[0][:160] if c["message"] else ""
         icon = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**"}.get(c["status"], c["status"])
         lines.append(f"| `{c['name']}` | {icon} | {figures} | {message.replace('|', '/')} |")
+    if plots:
+        lines += ["", "### Plots", ""]
+        for name, path in plots.items():
+            rel = path.relative_to(base).as_posix() if base else path.as_posix()
+            lines += [f"`{name}`", "", f"![{name}]({rel})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -118,5 +124,12 @@ def write(report_dir: Path, report: dict[str, Any]) -> list[Path]:
     arch = report["arch"]
     json_path, md_path = report_dir / f"{arch}.json", report_dir / f"{arch}.md"
     write_atomic(json_path, json.dumps(report, indent=2, sort_keys=False) + "\n")
-    write_atomic(md_path, markdown(report))
-    return [json_path, md_path]
+    from . import plots as plotting
+
+    try:
+        images = plotting.render(report_dir, report)
+    except Exception as exc:  # noqa: BLE001 - a plotting failure must not cost the report
+        images = {}
+        report = {**report, "plot_error": f"{type(exc).__name__}: {exc}"}
+    write_atomic(md_path, markdown(report, images, report_dir))
+    return [json_path, md_path, *images.values()]

@@ -105,6 +105,9 @@ class ArchSpec:
     # moe_conformance.training.TrainingHooks: aux/z-loss, optimizer, LR schedule, bias update);
     # None: the project's own definitions.
     training: Any = None
+    # The team's RL pieces checked by the rl and engine_parity suites (a moe_conformance.rl.RLHooks:
+    # inference engine factory, reward, KL estimator); None: the project's own.
+    rl: Any = None
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:

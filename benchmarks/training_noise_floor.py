@@ -1,0 +1,120 @@
+"""Measure the floors behind the `router_grad` and `sft` tolerance profiles.
+
+For every built-in arch variant and several seeds (fp32, one thread, as the suites run):
+- gradient parity: per parameter group, max|g_cand - g_ref| / max|g_ref| after conversion to
+  the on-disk naming, fp32 candidate vs fp32 reference (what the suite gates), and the larger
+  of |fp32 - fp64 reference| for both (the fp64 reference on the same right-padded batch: right
+  padding leaves no fully masked query row, so no NaN);
+- aux loss / z-loss: |candidate training code on candidate logits - fp64 formula on reference
+  logits| relative, on a right-padded batch;
+- aux-loss-free balancing: the imbalance ratio (last / first) reached from the skewed start;
+- SFT: max |loss_cand - loss_ref| over the first steps and over the whole run, and the loss
+  ratio (mean of the last steps / first step), for candidate and reference.
+
+    .venv/bin/python benchmarks/training_noise_floor.py [--seeds 5] [--arch glm4_moe,kimi_k25]
+
+Prints a Markdown table and the maxima; moe_conformance/tolerances.py quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "suites"))
+
+import test_router_grad as rg  # noqa: E402  (the suite's own helpers, so the floor measures what it gates)
+import test_sft as sft  # noqa: E402
+
+from moe_conformance import data, tokenizer, training  # noqa: E402
+from moe_conformance.case import ArchCase  # noqa: E402
+from moe_conformance.registry import discover  # noqa: E402
+
+
+def grad_floor(case: ArchCase) -> dict[str, float]:
+    batch = data.lm_batch(tokenizer.load(), rg.BATCH_SIZE, case.case_seed).to(case.device)
+    ref, cand = case.reference().train(), case.candidate().train()
+    ref64 = copy.deepcopy(ref).double().train()
+    training.lm_backward(ref, batch, True)
+    training.lm_backward(cand, batch, False)
+    training.lm_backward(ref64, batch, True)
+    r32, c32 = training.reference_disk_grads(case, ref), training.candidate_disk_grads(case, cand)
+    r64 = training.reference_disk_grads(case, ref64)
+    direct = training.grad_parity(r32, c32).figures
+    vs64 = {k: max(a, b) for (k, a), (_, b) in zip(training.grad_parity(r64, r32).figures.items(),
+                                                    training.grad_parity(r64, c32).figures.items())}
+    out = {"grad_" + k.removeprefix("grad_rel_delta."): v for k, v in direct.items()}
+    out["grad_max"] = max(direct.values())
+    out["grad_vs_fp64_max"] = max(vs64.values())
+    return out
+
+
+def loss_floor(case: ArchCase) -> dict[str, float]:
+    batch, ref_logits, cand_logits, ref_aux = rg._router_logits(case)
+    hooks, k = training.REFERENCE_HOOKS, case.model_config.num_experts_per_tok
+    aux = float(hooks.aux_loss(cand_logits, k, batch.attention_mask))
+    z = float(hooks.z_loss(cand_logits, batch.attention_mask))
+    return {"aux_rel": rg._rel(aux, rg.formula_aux_loss(ref_logits, k, batch.valid)),
+            "z_rel": rg._rel(z, rg.formula_z_loss(ref_logits, batch.valid))}
+
+
+def balance(case: ArchCase) -> dict[str, float]:
+    class Rec:
+        def __call__(self, figures=None, thresholds=None):
+            self.figures = figures
+
+    rec = Rec()
+    try:
+        rg.test_aux_loss_free_balancing(case, rec)
+    except BaseException:  # noqa: BLE001 - the gate may be a placeholder while measuring
+        pass
+    return {"balance_ratio": rec.figures["balance_ratio"]} if getattr(rec, "figures", None) else {}
+
+
+def sft_floor(case: ArchCase) -> dict[str, float]:
+    run = training.run_sft(case, training.REFERENCE_HOOKS)
+    c, r = run.candidate.loss, run.reference.loss
+    d = [abs(a - b) for a, b in zip(c, r)]
+    w = sft.FINAL_WINDOW
+    return {"loss_delta_early": max(d[:sft.EARLY_STEPS]), "loss_delta_max": max(d),
+            "loss_ratio": max(sum(c[-w:]) / w / c[0], sum(r[-w:]) / w / r[0]),
+            "imbalance_final": max(run.candidate.load_imbalance[-w:]), "sft_seconds": run.seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--arch", default=None, help="comma-separated archs (default: every built-in)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    known, _ = discover()
+    names = args.arch.split(",") if args.arch else sorted(known)
+    rows, worst = [], {}
+    for name in names:
+        spec = known[name].load()
+        for variant in spec.variants:
+            for seed in range(args.seeds):
+                case = ArchCase(spec, variant.name, seed=seed)
+                figures = {**grad_floor(case), **loss_floor(case), **balance(case), **sft_floor(case)}
+                rows.append((case.id, seed, figures))
+                for k, v in figures.items():
+                    worst[k] = max(worst.get(k, 0.0), v)
+                print(f"{case.id} seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()), file=sys.stderr, flush=True)
+    cols = ["grad_max", "grad_vs_fp64_max", "aux_rel", "z_rel", "balance_ratio", "loss_delta_early", "loss_delta_max",
+            "loss_ratio", "imbalance_final"]
+    print("| case | seed | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for case_id, seed, f in rows:
+        print(f"| {case_id} | {seed} | " + " | ".join(f"{f[c]:.3g}" if c in f else "-" for c in cols) + " |")
+    print("| **max** | | " + " | ".join(f"**{worst[c]:.3g}**" if c in worst else "-" for c in cols) + " |")
+    groups = sorted(k for k in worst if k.startswith("grad_") and k not in ("grad_max", "grad_vs_fp64_max"))
+    print("\nper-group gradient floor (max over cases): " + ", ".join(f"{g[5:]} {worst[g]:.3g}" for g in groups))
+
+
+if __name__ == "__main__":
+    main()

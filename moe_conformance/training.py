@@ -1,0 +1,508 @@
+"""Training-side pieces the `router_grad` and `sft` suites run: the loss on the reverse-text
+task, router-health statistics, load-balancing losses, the aux-loss-free bias update, a
+force-route helper, gradient conversion for candidate/reference parity, and a short,
+deterministic SFT loop run for candidate and reference side by side.
+
+The candidate's training code is pluggable: an arch spec may carry ``training=TrainingHooks(...)``
+(the team's own aux loss, z-loss, optimizer, LR schedule, bias update) and the suites check those
+against the definitions here; the reference side always runs :data:`REFERENCE_HOOKS`.
+
+Definitions (the oracles):
+- aux loss: Switch/Mixtral load balancing, exactly transformers' ``load_balancing_loss_func``:
+  ``E * sum_e f_e * P_e`` where ``P_e`` is the mean softmax(router_logits) of expert e and
+  ``f_e`` the fraction of top-k slots (top-k of the same softmax) going to e, over every MoE
+  layer's rows together, padding rows excluded. Balanced routing gives ``top_k``.
+- z-loss (ST-MoE): mean over layers and valid rows of ``logsumexp(router_logits)^2``.
+- aux-loss-free balancing (DeepSeek-V3): after each step, per layer,
+  ``bias += rate * sign(mean_load - load)``; the bias only changes selection and never
+  receives gradient.
+- LR: linear warmup to ``lr`` over ``warmup`` steps, cosine decay to ``min_lr_ratio * lr`` at
+  the last step. AdamW, decay on tensors with >= 2 dims only, global grad-norm clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .case import logits_of
+from .data import IGNORE, TrainBatch
+
+# --------------------------------------------------------------------------------------------
+# Definitions
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 24
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup: int = 4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip: float = 1.0
+    aux_coef: float = 1e-2
+    z_coef: float = 1e-3
+    # DeepSeek-V3 uses 1e-3 over long runs; a few dozen steps need a faster nudge to keep
+    # routing healthy (measured: 1e-3 lets the tiny models collapse to one expert per layer).
+    bias_rate: float = 2e-2
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``cfg.warmup`` steps, then cosine to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(cfg.steps - 1 - cfg.warmup, 1)
+    progress = min((step - cfg.warmup) / span, 1.0)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False,
+    )
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions with a label (labels already shifted)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def _rows_mask(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if attention_mask is None else attention_mask.reshape(-1).to(router_logits[0].device, torch.float32)
+
+
+def aux_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss from the router logits of every MoE layer."""
+    E = router_logits[0].shape[-1]
+    mask = _rows_mask(router_logits, attention_mask)
+    tokens = torch.zeros(E, device=router_logits[0].device)
+    probs = torch.zeros(E, device=router_logits[0].device)
+    rows = 0.0
+    for logits in router_logits:
+        p = logits.float().softmax(-1)
+        chosen = p.topk(top_k, dim=-1).indices
+        w = torch.ones(p.shape[0], device=p.device) if mask is None else mask
+        tokens = tokens + torch.zeros(E, device=p.device).scatter_add_(0, chosen.reshape(-1), w.repeat_interleave(top_k))
+        probs = probs + (p * w[:, None]).sum(0)
+        rows = rows + w.sum()
+    return E * (tokens / rows * probs / rows).sum()
+
+
+def z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss: mean of logsumexp(logits)^2 over every layer's valid rows."""
+    mask = _rows_mask(router_logits, attention_mask)
+    total, rows = 0.0, 0.0
+    for logits in router_logits:
+        lse2 = logits.float().logsumexp(-1).pow(2)
+        w = torch.ones_like(lse2) if mask is None else mask
+        total = total + (lse2 * w).sum()
+        rows = rows + w.sum()
+    return total / rows
+
+
+@torch.no_grad()
+def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3 aux-loss-free balancing: nudge each expert's selection bias toward the mean
+    load (up for under-loaded experts, down for over-loaded ones)."""
+    load = load.to(bias.device, torch.float32)
+    bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """The training code under test. A team plugs its own functions in through
+    ``ArchSpec(training=TrainingHooks(aux_loss=my_aux_loss, ...))``."""
+
+    aux_loss: Callable[..., torch.Tensor] = aux_loss  # (router_logits, top_k, attention_mask)
+    z_loss: Callable[..., torch.Tensor] = z_loss  # (router_logits, attention_mask)
+    optimizer: Callable[[torch.nn.Module, TrainConfig], torch.optim.Optimizer] = build_optimizer
+    lr_at: Callable[[int, TrainConfig], float] = lr_at
+    bias_update: Callable[[torch.Tensor, torch.Tensor, float], None] = bias_update
+
+
+REFERENCE_HOOKS = TrainingHooks()
+
+
+def hooks_for(spec) -> TrainingHooks:
+    return getattr(spec, "training", None) or REFERENCE_HOOKS
+
+
+# --------------------------------------------------------------------------------------------
+# Routers: taps, loads, health, force-routing
+
+
+def _declared(case, side: str, role: str, model: torch.nn.Module | None) -> list[str]:
+    names = [getattr(p, side) for p in case.module_pairs() if p.role == role]
+    if model is None:
+        return names
+    present = dict(model.named_modules())
+    return [n for n in names if n in present]
+
+
+def router_names(case, side: str, model: torch.nn.Module | None = None) -> list[str]:
+    """Router module names of one side (``ref`` or ``cand``), in layer order; with ``model``,
+    only those it has (dense layers have none)."""
+    return _declared(case, side, "router", model)
+
+
+def expert_names(case, side: str, model: torch.nn.Module | None = None) -> list[str]:
+    return _declared(case, side, "experts", model)
+
+
+class RouterTap:
+    """Records every router's ``(router_logits, topk_weights, topk_indices)`` during a forward,
+    graph attached, keyed by module name in the order the routers ran."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        modules = dict(model.named_modules())
+        self.modules = {n: modules[n] for n in names if n in modules}
+        if not self.modules:
+            raise LookupError(f"none of the declared router modules {names[:3]} exists in {type(model).__name__}")
+        self.outputs: dict[str, tuple] = {}
+
+    @contextmanager
+    def __call__(self) -> Iterator[RouterTap]:
+        self.outputs = {}
+        handles = [m.register_forward_hook(lambda mod, args, out, n=n: self.outputs.__setitem__(n, out))
+                   for n, m in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @property
+    def logits(self) -> tuple[torch.Tensor, ...]:
+        return tuple(out[0].reshape(-1, out[0].shape[-1]) for out in self.outputs.values())
+
+    @property
+    def indices(self) -> tuple[torch.Tensor, ...]:
+        return tuple(out[2].reshape(-1, out[2].shape[-1]) for out in self.outputs.values())
+
+
+def loads(indices: torch.Tensor, num_experts: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens per expert ([E], float) from top-k indices [T, K], counting only valid rows."""
+    idx = indices if valid is None else indices[valid.reshape(-1).bool()]
+    return torch.bincount(idx.reshape(-1), minlength=num_experts).float()
+
+
+def health(layer_loads: list[torch.Tensor]) -> dict[str, float]:
+    """Expert utilization (fraction of experts receiving tokens; worst layer) and load
+    imbalance (max/mean tokens per expert; worst layer)."""
+    util = min(float((load > 0).float().mean()) for load in layer_loads)
+    imbalance = max(float(load.max() / load.mean().clamp_min(1e-9)) for load in layer_loads)
+    return {"expert_utilization": util, "load_imbalance": imbalance}
+
+
+def selection_biases(model: torch.nn.Module, routers: list[str], num_experts: int,
+                     buffers_only: bool = False) -> list[tuple[str, torch.Tensor] | None]:
+    """Per router, its selection-only bias ``(name, tensor)`` or None: a float tensor of shape
+    [E] named ``*bias*`` held by the router or by its MoE block (transformers' MiniMax-M2 keeps
+    ``e_score_correction_bias`` on the block). A Linear's own bias (gpt-oss's router) is not one.
+    ``buffers_only`` for the reference, whose selection biases are buffers by construction."""
+    state = model.state_dict(keep_vars=True)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    out = []
+    for r in routers:
+        holders = {r, r.rsplit(".", 1)[0] if "." in r else ""}
+        found = [(n, t) for n, t in state.items()
+                 if n.rsplit(".", 1)[0] in holders and "bias" in n.rsplit(".", 1)[-1] and t.is_floating_point()
+                 and tuple(t.shape) == (num_experts,) and not (buffers_only and n in params)]
+        out.append(found[0] if found else None)
+    return out
+
+
+@contextmanager
+def force_route(model: torch.nn.Module, routers: list[str], experts: list[int], num_experts: int, offset: float = 100.0):
+    """Bias every listed router toward ``experts`` so they receive the traffic (the others get
+    none when ``len(experts) >= top_k``). A router with a selection-only bias gets the offset
+    there (its own code then picks the experts; weights unchanged). Otherwise a forward hook
+    re-picks top-k on ``router_logits + offset`` with softmax weights of the shifted logits,
+    through the ``(router_logits, topk_weights, topk_indices)`` protocol."""
+    modules = dict(model.named_modules())
+    boost = torch.zeros(num_experts)
+    boost[experts] = offset
+    undo = []
+    try:
+        for name, found in zip(routers, selection_biases(model, routers, num_experts)):
+            if found is not None:
+                bias = found[1]
+                with torch.no_grad():
+                    bias.add_(boost.to(bias))
+                undo.append(lambda bias=bias: bias.data.sub_(boost.to(bias)))
+                continue
+
+            def forced(module, args, out):
+                logits, weights, indices = out
+                shifted = logits.float() + boost.to(logits.device)
+                k = indices.shape[-1]
+                idx = shifted.topk(k, dim=-1).indices
+                w = shifted.softmax(-1).gather(-1, idx).to(weights.dtype)
+                return logits, w.reshape(weights.shape), idx.reshape(indices.shape).to(indices.dtype)
+
+            undo.append(modules[name].register_forward_hook(forced).remove)
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+# --------------------------------------------------------------------------------------------
+# Names: candidate tensors in the on-disk naming, parameter groups
+
+
+def candidate_disk_names(converter, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """candidate key -> the on-disk key(s) it feeds (one per expert for stacked tensors, one
+    fused key for several candidate tensors...). Traced, not parsed: every candidate tensor is
+    filled with its own marker value, the whole state converted, and the markers read back, so
+    any converter (renames, stacking, fused transforms) is followed without knowing its rules."""
+    keys = [k for k, v in state.items() if v.is_floating_point()]
+    marked = {k: torch.full(v.shape, float(keys.index(k) + 1) if k in keys else 0, dtype=v.dtype if k in keys else torch.float32)
+              for k, v in state.items()}
+    out: dict[str, list[str]] = {k: [] for k in state}
+    for disk_key, t in converter.to_hf(marked).items():
+        for marker in torch.unique(t.float()).tolist():
+            if marker >= 1 and float(marker).is_integer() and int(marker) <= len(keys):
+                out[keys[int(marker) - 1]].append(disk_key)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def reference_disk_name(case, ref_name: str) -> str:
+    prefix = getattr(case.spec.converter, "disk_prefix", "")
+    return prefix + ref_name if prefix + ref_name in case.disk_state else ref_name
+
+
+def correction_bias_keys(case) -> list[str]:
+    """On-disk keys of the selection-only biases: the reference routers' bias buffers, named as
+    transformers saves them (its save-time renames applied, the release's prefix added)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    ref = case.reference()
+    found = selection_biases(ref, router_names(case, "ref", ref), case.num_experts, buffers_only=True)
+    named = {f[0]: f[1] for f in found if f is not None}
+    prefix = getattr(case.spec.converter, "disk_prefix", "")
+    return [k if k.startswith(prefix) else prefix + k for k in revert_weight_conversion(ref, named)]
+
+
+def candidate_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module) if module else model, attr)
+
+
+GROUPS = ("attention", "router", "experts", "shared", "norms", "embeddings", "dense", "other")
+
+
+def group_of(disk_key: str) -> str:
+    """The parameter group of an on-disk key (DeepSeek/GLM, Mixtral, Qwen, gpt-oss namings)."""
+    k = disk_key
+    if "shared_expert" in k:
+        return "shared"
+    if ".experts." in k:
+        return "experts"
+    if re.search(r"\.(gate|router)\.(weight|bias|e_score_correction_bias)$", k):
+        return "router"
+    if "embed_tokens" in k or k.endswith("lm_head.weight") or ".wte." in k:
+        return "embeddings"
+    parts = k.split(".")
+    if "norm" in parts[-2 if len(parts) > 1 else 0]:
+        return "norms"
+    if "attn" in k or "attention" in k:
+        return "attention"
+    if ".mlp." in k:
+        return "dense"
+    return "other"
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def reference_disk_grads(case, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's gradients in the on-disk naming, through transformers' own save-time
+    conversion (fused experts -> per-expert keys), with the release's key prefix."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    prefix = getattr(case.spec.converter, "disk_prefix", "")
+    out = revert_weight_conversion(ref, _grads(ref))
+    return {(k if k.startswith(prefix) else prefix + k): v for k, v in out.items()}
+
+
+def candidate_disk_grads(case, cand: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return case.spec.converter.to_hf(_grads(cand))
+
+
+@dataclass
+class GradParity:
+    figures: dict[str, float]
+    worst: dict[str, tuple[str, float]]  # group -> (key, relative delta)
+    problems: list[str]
+
+
+def grad_parity(ref_grads: dict[str, torch.Tensor], cand_grads: dict[str, torch.Tensor]) -> GradParity:
+    """Per group: max|g_cand - g_ref| over the group's tensors, relative to the group's largest
+    reference gradient."""
+    problems = []
+    missing = sorted(set(ref_grads) - set(cand_grads))
+    extra = sorted(k for k in set(cand_grads) - set(ref_grads) if cand_grads[k].abs().max() > 0)
+    if missing:
+        problems.append(f"candidate has no gradient for {len(missing)} reference parameter(s): {', '.join(missing[:6])}")
+    if extra:
+        problems.append(f"candidate has gradients for {len(extra)} tensor(s) the reference does not train: {', '.join(extra[:6])}")
+    delta: dict[str, float] = {}
+    scale: dict[str, float] = {}
+    worst: dict[str, tuple[str, float]] = {}
+    per_key = {}
+    for k in sorted(set(ref_grads) & set(cand_grads)):
+        g = group_of(k)
+        r, c = ref_grads[k].double(), cand_grads[k].double()
+        if r.shape != c.shape:
+            problems.append(f"{k}: gradient shape {tuple(c.shape)}, reference {tuple(r.shape)}")
+            continue
+        d = float((r - c).abs().max()) if torch.isfinite(c).all() else math.inf
+        per_key[k] = (g, d, float(r.abs().max()))
+        delta[g] = max(delta.get(g, 0.0), d)
+        scale[g] = max(scale.get(g, 0.0), float(r.abs().max()))
+    figures = {}
+    for k, (g, d, s) in per_key.items():
+        rel = d / max(scale[g], 1e-30)
+        if g not in worst or rel > worst[g][1]:
+            worst[g] = (k, rel)
+    for g in GROUPS:
+        if g in delta:
+            figures[f"grad_rel_delta.{g}"] = delta[g] / max(scale[g], 1e-30)
+    return GradParity(figures, worst, problems)
+
+
+# --------------------------------------------------------------------------------------------
+# One forward+backward, and the short SFT run
+
+
+def run_model(model, batch, reference: bool):
+    if reference:
+        return model(**batch.kwargs, use_cache=False)
+    return model(**batch.kwargs)
+
+
+def lm_backward(model, batch: TrainBatch, reference: bool, tap: RouterTap | None = None) -> float:
+    """Forward + backward of the task loss alone (no aux/z terms); returns the loss."""
+    model.zero_grad(set_to_none=True)
+    if tap is None:
+        loss = lm_loss(logits_of(run_model(model, batch, reference)), batch.labels)
+    else:
+        with tap():
+            loss = lm_loss(logits_of(run_model(model, batch, reference)), batch.labels)
+    loss.backward()
+    return float(loss.detach())
+
+
+@dataclass
+class SideLog:
+    """Per-step series for one side (candidate or reference)."""
+
+    loss: list[float] = field(default_factory=list)  # the task loss (cross-entropy)
+    total: list[float] = field(default_factory=list)  # + aux_coef * aux + z_coef * z
+    grad_norm: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)  # as applied by the optimizer
+    expert_utilization: list[float] = field(default_factory=list)
+    load_imbalance: list[float] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)
+    z_loss: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class SFTRun:
+    cfg: TrainConfig
+    candidate: SideLog
+    reference: SideLog
+    cand_model: torch.nn.Module
+    ref_model: torch.nn.Module
+    initial_cand_state: dict[str, torch.Tensor]
+    not_in_optimizer: list[str]
+    seconds: float = 0.0
+
+
+class _Side:
+    def __init__(self, case, model, hooks: TrainingHooks, side: str, cfg: TrainConfig):
+        self.model, self.hooks, self.cfg = model, hooks, cfg
+        self.reference = side == "ref"
+        self.tap = RouterTap(model, router_names(case, side))
+        self.opt = hooks.optimizer(model, cfg)
+        self.E = case.num_experts
+        self.top_k = case.model_config.num_experts_per_tok
+        self.biases = []
+        if case.spec.capabilities.correction_bias:
+            found = selection_biases(model, list(self.tap.modules), self.E, buffers_only=self.reference)
+            self.biases = [f[1] if f is not None else None for f in found]
+        self.log = SideLog()
+
+    def step(self, step: int, batch: TrainBatch) -> None:
+        cfg, log = self.cfg, self.log
+        lr = self.hooks.lr_at(step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        with self.tap():
+            logits = logits_of(run_model(self.model, batch, self.reference))
+        ce = lm_loss(logits, batch.labels)
+        router_logits = self.tap.logits
+        aux = self.hooks.aux_loss(router_logits, self.top_k, batch.attention_mask)
+        z = self.hooks.z_loss(router_logits, batch.attention_mask)
+        total = ce + cfg.aux_coef * aux + cfg.z_coef * z
+        total.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip, foreach=False) if params else torch.tensor(0.0)
+        log.lr.append(float(self.opt.param_groups[0]["lr"]))
+        self.opt.step()
+        layer_loads = [loads(idx, self.E, batch.valid) for idx in self.tap.indices]
+        for bias, load in zip(self.biases, layer_loads):
+            if bias is not None:
+                self.hooks.bias_update(bias, load, cfg.bias_rate)
+        log.loss.append(float(ce.detach()))
+        log.total.append(float(total.detach()))
+        log.grad_norm.append(float(norm))
+        log.aux_loss.append(float(aux.detach()))
+        log.z_loss.append(float(z.detach()))
+        h = health(layer_loads)
+        log.expert_utilization.append(h["expert_utilization"])
+        log.load_imbalance.append(h["load_imbalance"])
+
+
+def run_sft(case, hooks: TrainingHooks, cfg: TrainConfig = TrainConfig()) -> SFTRun:
+    """``cfg.steps`` optimizer steps for reference and candidate from the same initialization on
+    the same reverse-text batches; reference with REFERENCE_HOOKS, candidate with ``hooks``."""
+    import time
+
+    from . import data, tokenizer
+
+    start = time.perf_counter()
+    batches = [b.to(case.device) for b in data.batches(tokenizer.load(), cfg.steps, cfg.batch_size, case.case_seed)]
+    ref, cand = case.reference().train(), case.candidate().train()
+    initial = {k: v.detach().clone() for k, v in cand.state_dict().items()}
+    sides = {"ref": _Side(case, ref, REFERENCE_HOOKS, "ref", cfg), "cand": _Side(case, cand, hooks, "cand", cfg)}
+    in_opt = {id(p) for g in sides["cand"].opt.param_groups for p in g["params"]}
+    not_in_optimizer = [n for n, p in cand.named_parameters() if id(p) not in in_opt]
+    for name, side in sides.items():
+        for step, batch in enumerate(batches):
+            try:
+                side.step(step, batch)
+            except Exception as exc:  # noqa: BLE001 - a crash is a finding, reported by the checks
+                side.log.error = f"step {step}: {type(exc).__name__}: {exc}"
+                break
+    return SFTRun(cfg, sides["cand"].log, sides["ref"].log, cand.eval(), ref.eval(), initial, not_in_optimizer,
+                  time.perf_counter() - start)

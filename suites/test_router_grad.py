@@ -1,0 +1,368 @@
+"""Router gradient flow, gradient parity and load balancing (fp32).
+
+After one forward+backward of the language-modelling loss alone on a reverse-text batch:
+- every router's weights get finite, non-zero gradients (a detached router learns nothing from
+  the loss, and logits can still match);
+- every expert that received a loss-bearing token has a non-zero gradient, every expert that
+  received none has exactly zero, with natural routing and with routing forced onto a few
+  experts (``training.force_route``) so that some experts surely get nothing;
+- shared experts get gradients; the selection-only correction bias gets none (and is not a
+  trainable parameter);
+- the candidate's gradients, converted to the on-disk naming, match the reference's per
+  parameter group (attention, router, experts, shared, norms, embeddings, dense).
+Load balancing: the aux loss of the candidate's training code on the candidate's router logits
+matches the reference model's own (where the architecture defines one) and an independent
+formula on the reference router's logits, padding excluded; the z-loss matches its definition;
+aux-loss-free balancing (DeepSeek-V3 bias update) reduces imbalance from a skewed start and its
+bias never receives gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+import torch
+
+from moe_conformance import data, tokenizer, tolerances, training
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+BATCH_SIZE = 8
+
+
+def _prepared(arch) -> dict:
+    """What several checks share, computed once per case and process."""
+    if arch not in _CACHE:
+        batch = data.lm_batch(tokenizer.load(), BATCH_SIZE, arch.case_seed).to(arch.device)
+        cand = arch.candidate().train()
+        cand_names = training.router_names(arch, "cand", cand)
+        cand_state = dict(cand.state_dict())
+        cand_state.update(dict(cand.named_parameters()))
+        _CACHE[arch] = {
+            "batch": batch,
+            "cand_routers": cand_names,
+            "disk_names": training.candidate_disk_names(arch.spec.converter, cand_state),
+            "bias_keys": set(training.correction_bias_keys(arch)),
+        }
+    return _CACHE[arch]
+
+
+def _fail(arch, what: str, problems: list[str]):
+    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""),
+                pytrace=False)
+
+
+def _backward(arch, model, reference: bool, routers: list[str]):
+    prep = _prepared(arch)
+    tap = training.RouterTap(model, routers)
+    loss = training.lm_backward(model, prep["batch"], reference, tap)
+    return loss, tap
+
+
+def _grad_problem(name: str, p: torch.Tensor) -> str | None:
+    if p.grad is None:
+        return f"{name}: no gradient (grad is None{'; requires_grad=False' if not p.requires_grad else ''})"
+    if not torch.isfinite(p.grad).all():
+        return f"{name}: gradient has {int((~torch.isfinite(p.grad)).sum())} non-finite values"
+    if not p.grad.abs().max() > 0:
+        return f"{name}: gradient is all zeros"
+    return None
+
+
+def _bias_names(arch) -> list[str]:
+    prep = _prepared(arch)
+    return [k for k, disk in prep["disk_names"].items() if disk and set(disk) <= prep["bias_keys"]]
+
+
+def test_router_weights_get_gradient(arch, record):
+    cand = arch.candidate().train()
+    loss, tap = _backward(arch, cand, False, _prepared(arch)["cand_routers"])
+    bias = set(_bias_names(arch))
+    problems, norms = [], []
+    for name in tap.modules:
+        params = [(f"{name}.{n}", p) for n, p in tap.modules[name].named_parameters() if f"{name}.{n}" not in bias]
+        if not params:
+            problems.append(f"router {name} has no trainable parameters")
+        for full, p in params:
+            found = _grad_problem(full, p)
+            if found:
+                problems.append(found)
+            else:
+                norms.append(float(p.grad.norm()))
+    record(figures={"lm_loss": loss, "router_grad_norm_min": min(norms) if norms else 0.0})
+    if problems:
+        _fail(arch, "router weights get no usable gradient from the language-modelling loss "
+                    "(a router detached from the loss never learns to route)", problems)
+
+
+def _expert_slices(experts: torch.nn.Module, E: int):
+    """(param name, expert index, tensor slice or param) for stacked [E, ...] parameters and for
+    per-expert submodules (``experts.3.w1``)."""
+    for n, p in experts.named_parameters():
+        head = n.split(".", 1)[0]
+        if head.isdigit():
+            yield n, int(head), p, None
+        elif p.shape[0] == E:
+            for e in range(E):
+                yield n, e, p, e
+
+
+@pytest.mark.parametrize("routing", ["natural", "forced"])
+def test_expert_gradients_follow_routing(arch, routing, record):
+    """Experts with loss-bearing tokens get gradients; experts with none get exactly zero."""
+    prep = _prepared(arch)
+    E, k = arch.num_experts, arch.model_config.num_experts_per_tok
+    cand = arch.candidate().train()
+    chosen = list(range(k + 1))  # contiguous, so group-limited routing keeps them together
+    if routing == "forced":
+        with training.force_route(cand, prep["cand_routers"], chosen, E):
+            _, tap = _backward(arch, cand, False, prep["cand_routers"])
+    else:
+        _, tap = _backward(arch, cand, False, prep["cand_routers"])
+    loss_rows = prep["batch"].loss_mask.reshape(-1)
+    modules = dict(cand.named_modules())
+    experts = training.expert_names(arch, "cand", cand)
+    if len(experts) != len(tap.modules):
+        _fail(arch, "the converter's router and experts module pairs do not match up layer by layer",
+              [f"routers {list(tap.modules)}", f"experts {experts}"])
+    problems, routed, empty = [], 0, 0
+    for router, expert_mod, idx in zip(tap.modules, experts, tap.indices):
+        load = training.loads(idx, E, loss_rows)
+        routed += int((load > 0).sum())
+        empty += int((load == 0).sum())
+        for pname, e, p, sl in _expert_slices(modules[expert_mod], E):
+            g = p.grad if sl is None else (None if p.grad is None else p.grad[sl])
+            where = f"{expert_mod}.{pname}" + (f"[{e}]" if sl is not None else "")
+            if load[e] > 0:
+                if g is None or not g.abs().max() > 0:
+                    problems.append(f"{where}: expert {e} received {int(load[e])} token(s) but its gradient is "
+                                    f"{'None' if g is None else 'all zeros'}")
+                elif not torch.isfinite(g).all():
+                    problems.append(f"{where}: expert {e} has a non-finite gradient")
+            elif g is not None and g.abs().max() != 0:
+                problems.append(f"{where}: expert {e} received no token but has a non-zero gradient "
+                                f"(max |g| {float(g.abs().max()):.3g})")
+    record(figures={"experts_routed": routed, "experts_empty": empty, "forced_experts": chosen if routing == "forced" else []})
+    if routing == "forced" and empty == 0:
+        problems.append(f"forcing routing onto experts {chosen} left no expert empty: force_route had no effect")
+    if problems:
+        _fail(arch, f"expert gradients do not follow the routing ({routing})", problems)
+
+
+def test_shared_experts_get_gradient(arch, record):
+    if not arch.spec.capabilities.shared_experts:
+        pytest.skip(f"{arch.id}: the architecture has no shared experts")
+    prep = _prepared(arch)
+    cand = arch.candidate().train()
+    _backward(arch, cand, False, prep["cand_routers"])
+    params = dict(cand.named_parameters(remove_duplicate=False))
+    shared = [k for k, disk in prep["disk_names"].items() if disk and all(training.group_of(d) == "shared" for d in disk)]
+    record(figures={"shared_tensors": len(shared)})
+    if not shared:
+        _fail(arch, "capabilities say shared experts, but no candidate tensor converts to a shared-expert key", [])
+    problems = []
+    for k in shared:
+        if k not in params:
+            problems.append(f"{k}: not a parameter (a buffer cannot train)")
+            continue
+        found = _grad_problem(k, params[k])
+        if found:
+            problems.append(found)
+    if problems:
+        _fail(arch, "shared expert parameters get no gradient: the shared expert does not train", problems)
+
+
+def test_correction_bias_gets_no_gradient(arch, record):
+    if not arch.spec.capabilities.correction_bias:
+        pytest.skip(f"{arch.id}: the architecture has no selection-only correction bias")
+    prep = _prepared(arch)
+    names = _bias_names(arch)
+    record(figures={"bias_tensors": len(names)})
+    if not names:
+        _fail(arch, "capabilities say correction bias, but no candidate tensor converts to the reference routers' "
+                    f"bias keys {sorted(prep['bias_keys'])[:2]}", [])
+    cand = arch.candidate().train()
+    _backward(arch, cand, False, prep["cand_routers"])
+    problems = []
+    for n in names:
+        t = training.candidate_tensor(cand, n)
+        if t.grad is not None and t.grad.abs().max() > 0:
+            problems.append(f"{n}: receives gradient (max |g| {float(t.grad.abs().max()):.3g}); it must only change "
+                            "which experts are selected")
+        if t.requires_grad:
+            problems.append(f"{n}: is a trainable parameter (requires_grad=True): an optimizer would update it "
+                            "(weight decay, gradient); it belongs in a buffer moved only by the balancing update")
+    if problems:
+        _fail(arch, "the correction bias receives gradient", problems)
+
+
+def test_gradient_parity(arch, record):
+    prep = _prepared(arch)
+    profile = tolerances.profile("router_grad", "float32", arch.spec.tolerances)
+    ref, cand = arch.reference().train(), arch.candidate().train()
+    ref_loss = training.lm_backward(ref, prep["batch"], True)
+    cand_loss = training.lm_backward(cand, prep["batch"], False)
+    result = training.grad_parity(training.reference_disk_grads(arch, ref), training.candidate_disk_grads(arch, cand))
+    gates = {k: v for k, v in profile.thresholds().items() if k.startswith("grad_rel_delta.")}
+    record(figures={"lm_loss_delta": abs(ref_loss - cand_loss), **result.figures},
+           thresholds={k: v for k, v in gates.items() if k in result.figures})
+    problems = list(result.problems)
+    for v in profile.violations(result.figures):
+        group = v.split(" ", 1)[0].removeprefix("grad_rel_delta.")
+        key, rel = result.worst[group]
+        problems.append(f"{v}: worst tensor {key}")
+    if problems:
+        _fail(arch, "candidate gradients (converted to the on-disk naming) differ from the reference's", problems)
+
+
+# ---- load balancing
+
+
+def _router_logits(arch):
+    """Candidate and reference router logits on a right-padded batch, and the reference's own
+    aux loss where the architecture defines one."""
+    prep = _prepared(arch)
+    batch = data.collate(tokenizer.load(), data.texts(BATCH_SIZE, arch.case_seed + 1)).to(arch.device)
+    assert not batch.valid.all(), "the balancing batch must contain padding"
+    ref, cand = arch.reference(), arch.candidate()
+    ref_tap = training.RouterTap(ref, training.router_names(arch, "ref", ref))
+    cand_tap = training.RouterTap(cand, prep["cand_routers"])
+    with torch.no_grad(), ref_tap(), cand_tap():
+        out = ref(**batch.kwargs, use_cache=False, output_router_logits=arch.spec.capabilities.aux_loss)
+        cand(**batch.kwargs)
+    ref_aux = getattr(out, "aux_loss", None) if arch.spec.capabilities.aux_loss else None
+    return batch, ref_tap.logits, cand_tap.logits, ref_aux
+
+
+def formula_aux_loss(router_logits, top_k: int, valid: torch.Tensor | None) -> float:
+    """The Switch/Mixtral load-balancing loss, independently: fp64, by counting."""
+    rows = [l.double()[valid.reshape(-1).bool()] if valid is not None else l.double() for l in router_logits]
+    E = rows[0].shape[-1]
+    counts = torch.zeros(E, dtype=torch.float64)
+    prob_sum = torch.zeros(E, dtype=torch.float64)
+    n = 0
+    for r in rows:
+        p = r.softmax(-1)
+        for row in p.topk(top_k, dim=-1).indices:
+            for e in row.tolist():
+                counts[e] += 1
+        prob_sum += p.sum(0)
+        n += r.shape[0]
+    return float(E * ((counts / n) * (prob_sum / n)).sum())
+
+
+def formula_z_loss(router_logits, valid: torch.Tensor | None) -> float:
+    rows = torch.cat([l.double()[valid.reshape(-1).bool()] if valid is not None else l.double() for l in router_logits])
+    return float(rows.logsumexp(-1).pow(2).mean())
+
+
+def _looks_like_probabilities(cand_logits, ref_logits) -> str | None:
+    c, r = torch.cat(cand_logits).double(), torch.cat(ref_logits).double()
+    for name, fn in (("softmax", lambda x: x.softmax(-1)), ("sigmoid", torch.sigmoid)):
+        if c.shape == r.shape and (c - fn(r)).abs().max() < 1e-4:
+            return name
+    return None
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30) if math.isfinite(a) else math.inf
+
+
+def test_aux_loss(arch, record):
+    batch, ref_logits, cand_logits, ref_aux = _router_logits(arch)
+    hooks = training.hooks_for(arch.spec)
+    k = arch.model_config.num_experts_per_tok
+    profile = tolerances.profile("router_grad", "float32", arch.spec.tolerances)
+    gate = profile.thresholds()["aux_rel_delta"]
+    cand_aux = float(hooks.aux_loss(cand_logits, k, batch.attention_mask))
+    want = formula_aux_loss(ref_logits, k, batch.valid)
+    with_padding = formula_aux_loss(ref_logits, k, None)
+    figures = {"aux_candidate": cand_aux, "aux_formula": want, "aux_formula_with_padding": with_padding,
+               "aux_rel_delta": _rel(cand_aux, want)}
+    if ref_aux is not None:
+        figures["aux_reference"] = float(ref_aux)
+        figures["aux_reference_rel_delta"] = _rel(cand_aux, float(ref_aux))
+        figures["formula_vs_reference_rel_delta"] = _rel(want, float(ref_aux))
+    record(figures=figures, thresholds={n: gate for n in figures if n.endswith("rel_delta")})
+    problems = [f"{n} = {v:.3g} (gate: <= {gate:.3g})" for n, v in figures.items() if n.endswith("rel_delta") and not v <= gate]
+    if problems:
+        hints = []
+        probs = _looks_like_probabilities(cand_logits, ref_logits)
+        if probs:
+            hints.append(f"the candidate's router_logits equal {probs}(reference router logits): the router returns "
+                         "probabilities, so the aux loss takes softmax of softmax")
+        if _rel(cand_aux, with_padding) <= gate < _rel(cand_aux, want):
+            hints.append(f"the candidate's aux loss equals the formula over all {batch.valid.numel()} rows "
+                         f"({with_padding:.6g}), not over the {int(batch.valid.sum())} real tokens: it counts padding tokens")
+        _fail(arch, f"aux loss: candidate {cand_aux:.6g}, formula {want:.6g}"
+                    + (f", reference {float(ref_aux):.6g}" if ref_aux is not None else ""), problems + hints)
+
+
+def test_z_loss(arch, record):
+    batch, ref_logits, cand_logits, _ = _router_logits(arch)
+    hooks = training.hooks_for(arch.spec)
+    gate = tolerances.profile("router_grad", "float32", arch.spec.tolerances).thresholds()["z_rel_delta"]
+    cand_z = float(hooks.z_loss(cand_logits, batch.attention_mask))
+    want = formula_z_loss(ref_logits, batch.valid)
+    rel = _rel(cand_z, want)
+    record(figures={"z_candidate": cand_z, "z_formula": want, "z_rel_delta": rel}, thresholds={"z_rel_delta": gate})
+    if not rel <= gate:
+        rows = torch.cat([l.double()[batch.valid.reshape(-1)] for l in ref_logits])
+        lse = rows.logsumexp(-1)
+        known = {
+            "mean(logsumexp)^2 (squared after averaging)": float(lse.mean() ** 2),
+            "mean(logsumexp) (not squared)": float(lse.mean()),
+            "mean(logits^2) (no logsumexp)": float(rows.pow(2).mean()),
+            "padding rows included": formula_z_loss(ref_logits, None),
+        }
+        hints = [f"it equals {name}" for name, v in known.items() if _rel(cand_z, v) <= gate]
+        probs = _looks_like_probabilities(cand_logits, ref_logits)
+        if probs:
+            hints.append(f"the candidate's router_logits equal {probs}(reference router logits): probabilities, not logits")
+        _fail(arch, f"z-loss {cand_z:.6g} does not match its definition mean(logsumexp(router_logits)^2) = {want:.6g}",
+              [f"z_rel_delta = {rel:.3g} (gate: <= {gate:.3g})"] + hints)
+
+
+BALANCE_STEPS = 12
+BALANCE_RATE = 0.05
+SKEW = 0.3
+
+
+def test_aux_loss_free_balancing(arch, record):
+    """Skew the selection bias toward top_k experts, then apply the bias update after each
+    forward+backward: load imbalance must fall, and the bias must never receive gradient."""
+    if not arch.spec.capabilities.correction_bias:
+        pytest.skip(f"{arch.id}: no selection-only bias, so no aux-loss-free balancing")
+    prep = _prepared(arch)
+    hooks = training.hooks_for(arch.spec)
+    E, k = arch.num_experts, arch.model_config.num_experts_per_tok
+    profile = tolerances.profile("router_grad", "float32", arch.spec.tolerances)
+    cand = arch.candidate().train()
+    found = training.selection_biases(cand, prep["cand_routers"], E)
+    if any(f is None for f in found):
+        _fail(arch, "a router has no selection bias tensor of shape [E] (on the router or its MoE block)",
+              [r for r, f in zip(prep["cand_routers"], found) if f is None])
+    biases = [f[1] for f in found]
+    tap = training.RouterTap(cand, prep["cand_routers"])
+    batch = prep["batch"]
+    imbalance, problems = [], []
+    with training.force_route(cand, prep["cand_routers"], list(range(k)), E, offset=SKEW):
+        for step in range(BALANCE_STEPS):
+            training.lm_backward(cand, batch, False, tap)
+            layer_loads = [training.loads(idx, E, batch.valid) for idx in tap.indices]
+            imbalance.append(training.health(layer_loads)["load_imbalance"])
+            for name, b in zip(prep["cand_routers"], biases):
+                if b.requires_grad or (b.grad is not None and b.grad.abs().max() > 0):
+                    problems.append(f"{name} selection bias receives gradient at step {step}")
+            for b, load in zip(biases, layer_loads):
+                hooks.bias_update(b, load, BALANCE_RATE)
+    ratio = imbalance[-1] / imbalance[0]
+    gate = profile.thresholds()["balance_ratio"]
+    record(figures={"imbalance_first": imbalance[0], "imbalance_last": imbalance[-1], "balance_ratio": ratio,
+                    "imbalance_per_step": imbalance}, thresholds={"balance_ratio": gate})
+    if not ratio <= gate:
+        problems.append(f"load imbalance went from {imbalance[0]:.3g} to {imbalance[-1]:.3g} over {BALANCE_STEPS} bias "
+                        f"updates (ratio {ratio:.3g}, gate: <= {gate:.3g}): the bias update does not move load toward balance")
+    if problems:
+        _fail(arch, "aux-loss-free balancing", sorted(set(problems)))

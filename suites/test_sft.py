@@ -1,0 +1,240 @@
+"""Short SFT on the reverse-text task (fp32): candidate and reference trained side by side.
+
+Both start from the same weights (the reference's adversarial init, converted into the
+candidate) and take the same optimizer steps on the same batches (``training.run_sft``: AdamW,
+warmup + cosine, grad clipping, aux loss + z-loss, DeepSeek-V3 bias update where the router has
+a selection bias). The reference side runs the project's training definitions; the candidate
+side runs the arch's ``training`` hooks (the team's code) when it declares them.
+
+Checks: the loss falls below a measured fraction of its start; candidate and reference losses
+agree step by step (tight over the first steps, looser over the whole run, where routing flips
+from float noise compound); loss and grad norm finite at every step; the LR actually applied
+follows the schedule; every parameter is in the optimizer and changes; router health (expert
+utilization, load imbalance, aux loss, z-loss) per step, flagged against healthy ranges; the
+trained checkpoint, written in the on-disk HF format with the tokenizer, reloads into both
+models with identical logits.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+import torch
+
+from moe_conformance import data, tokenizer, tolerances, training
+from moe_conformance.case import logits_of, read_checkpoint
+from moe_conformance.checkpoint import load_reference, write_checkpoint
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+EARLY_STEPS = 2  # step 0 (pure forward parity) and the first update: before routing flips compound
+FINAL_WINDOW = 4  # the final loss is the mean of the last steps (each step sees a new batch)
+
+
+def _run(arch) -> training.SFTRun:
+    if arch not in _RUNS:
+        _RUNS[arch] = training.run_sft(arch, training.hooks_for(arch.spec))
+    return _RUNS[arch]
+
+
+def _profile(arch):
+    return tolerances.profile("sft", "float32", arch.spec.tolerances)
+
+
+def _fail(arch, what: str, problems: list[str]):
+    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems[:10]), pytrace=False)
+
+
+def _complete(arch, run: training.SFTRun) -> None:
+    for side, log in (("candidate", run.candidate), ("reference", run.reference)):
+        if log.error:
+            _fail(arch, f"the {side} training run crashed", [log.error])
+
+
+def _round(values: list[float]) -> list[float]:
+    return [float(f"{v:.6g}") if math.isfinite(v) else v for v in values]
+
+
+def test_sft_finite(arch, record):
+    run = _run(arch)
+    log = run.candidate
+    record(figures={"steps": len(log.loss), "grad_norm_first": log.grad_norm[0] if log.grad_norm else math.nan,
+                    "grad_norm_last": log.grad_norm[-1] if log.grad_norm else math.nan,
+                    "grad_norm": _round(log.grad_norm)})
+    _complete(arch, run)
+    bad = [f"step {s}: loss {l:.4g}, grad norm {g:.4g}" for s, (l, g) in enumerate(zip(log.total, log.grad_norm))
+           if not (math.isfinite(l) and math.isfinite(g))]
+    if bad:
+        _fail(arch, "loss or grad norm not finite", bad)
+
+
+def test_sft_loss_falls(arch, record):
+    run = _run(arch)
+    _complete(arch, run)
+    gate = _profile(arch).thresholds()["loss_ratio"]
+    cand, ref = run.candidate.loss, run.reference.loss
+    ratio = sum(cand[-FINAL_WINDOW:]) / FINAL_WINDOW / cand[0]
+    ref_ratio = sum(ref[-FINAL_WINDOW:]) / FINAL_WINDOW / ref[0]
+    record(figures={"loss_ratio": ratio, "loss_initial": cand[0], "loss_final": sum(cand[-FINAL_WINDOW:]) / FINAL_WINDOW,
+                    "reference_loss_ratio": ref_ratio, "steps": len(cand)}, thresholds={"loss_ratio": gate})
+    if not ratio <= gate:
+        _fail(arch, f"the loss did not fall: mean of the last {FINAL_WINDOW} steps / step 0 = {ratio:.3g} (gate: <= {gate:.3g}; "
+                    f"reference {ref_ratio:.3g})", [f"candidate losses: {_round(cand)}"])
+
+
+def test_sft_matches_reference(arch, record):
+    run = _run(arch)
+    _complete(arch, run)
+    profile = _profile(arch)
+    cand, ref = run.candidate.loss, run.reference.loss
+    delta = [abs(c - r) if math.isfinite(c) else math.inf for c, r in zip(cand, ref)]
+    figures = {"loss_delta_early": max(delta[:EARLY_STEPS]), "loss_delta_max": max(delta),
+               "loss_delta_final": delta[-1],
+               "curves": {"title": f"{arch.id}: SFT loss (reverse text)",
+                          "panels": {"loss": {"candidate": _round(cand), "reference": _round(ref)},
+                                     "|candidate - reference|": {"loss delta": [float(f"{d:.3g}") for d in delta]}},
+                          "log_panels": ["|candidate - reference|"]}}
+    gates = {k: v for k, v in profile.thresholds().items() if k in ("loss_delta_early", "loss_delta_max")}
+    record(figures=figures, thresholds=gates)
+    problems = profile.violations({k: figures[k] for k in gates})
+    if problems:
+        early, late = gates["loss_delta_early"], gates["loss_delta_max"]
+        first = next(s for s, d in enumerate(delta) if d > (early if s < EARLY_STEPS else late))
+        problems.append(f"first step beyond its gate: {first} (candidate {cand[first]:.6g}, reference {ref[first]:.6g})")
+        lr_c, lr_r = run.candidate.lr, run.reference.lr
+        lr_bad = [s for s, (a, b) in enumerate(zip(lr_c, lr_r)) if abs(a - b) > 1e-6 * abs(b)]
+        if lr_bad:
+            s = lr_bad[0]
+            problems.append(f"the candidate's learning rate differs from step {s}: {lr_c[s]:.4g} vs {lr_r[s]:.4g} "
+                            f"(ratio {lr_c[s] / lr_r[s]:.3g})")
+        if run.not_in_optimizer:
+            problems.append(f"the candidate's optimizer lacks {len(run.not_in_optimizer)} parameter(s): "
+                            f"{', '.join(run.not_in_optimizer[:4])}")
+        _fail(arch, "candidate and reference loss curves disagree", problems)
+
+
+def test_sft_lr_schedule(arch, record):
+    """The LR applied at each step is the schedule's: linear warmup, cosine decay."""
+    run = _run(arch)
+    _complete(arch, run)
+    cfg = run.cfg
+    want = [training.lr_at(s, cfg) for s in range(len(run.candidate.lr))]
+    got = run.candidate.lr
+    rel = [abs(g - w) / w for g, w in zip(got, want)]
+    gate = _profile(arch).thresholds()["lr_rel_delta"]
+    record(figures={"lr_rel_delta": max(rel), "lr_peak": max(got), "lr": _round(got)}, thresholds={"lr_rel_delta": gate})
+    if not max(rel) <= gate:
+        s = next(i for i, r in enumerate(rel) if r > gate)
+        ratios = {round(g / w, 4) for g, w in zip(got, want)}
+        hint = (f"off by a constant factor {ratios.pop():.4g} at every step" if len(ratios) == 1
+                else f"ratio to the schedule varies from {min(g / w for g, w in zip(got, want)):.3g} to "
+                     f"{max(g / w for g, w in zip(got, want)):.3g}")
+        _fail(arch, "the learning-rate schedule is wrong", [
+            f"step {s}: LR {got[s]:.6g}, the schedule (warmup {cfg.warmup} to {cfg.lr:g}, cosine to "
+            f"{cfg.min_lr_ratio * cfg.lr:g} at step {cfg.steps - 1}) says {want[s]:.6g}: {hint}"])
+
+
+def test_sft_all_parameters_train(arch, record):
+    """Every candidate parameter is in the optimizer and changes, as every reference one does."""
+    run = _run(arch)
+    _complete(arch, run)
+    cand = run.cand_model
+    problems = []
+    frozen = [n for n, p in cand.named_parameters() if not p.requires_grad]
+    if frozen:
+        problems.append(f"{len(frozen)} parameter(s) are frozen (requires_grad=False): {', '.join(frozen[:6])}")
+    missing = [n for n in run.not_in_optimizer if n not in frozen]
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) are missing from the optimizer's parameter groups: "
+                        f"{', '.join(missing[:6])}")
+    unchanged = [n for n, p in cand.named_parameters() if torch.equal(p.detach(), run.initial_cand_state[n])]
+    if unchanged:
+        problems.append(f"{len(unchanged)} parameter(s) did not change in {len(run.candidate.loss)} steps: "
+                        f"{', '.join(unchanged[:6])}")
+    record(figures={"parameters": sum(1 for _ in cand.parameters()), "not_in_optimizer": len(run.not_in_optimizer),
+                    "frozen": len(frozen), "unchanged": len(unchanged)})
+    if problems:
+        _fail(arch, "not every candidate parameter trains", problems)
+
+
+def healthy_ranges(arch) -> dict[str, tuple[float, float]]:
+    """Healthy router statistics: most experts in use, imbalance well under the collapse value
+    E/k, aux loss within 2x its balanced value k, router logsumexp within a few units of log E."""
+    E, k = arch.num_experts, arch.model_config.num_experts_per_tok
+    return {
+        "expert_utilization": (0.75, 1.0),
+        "load_imbalance": (1.0, max(2.0, 0.75 * E / k)),
+        "aux_loss": (0.0, 2.0 * k),
+        "z_loss": (0.0, (math.log(E) + 3.0) ** 2),
+    }
+
+
+def _out_of_range(values: list[float], low: float, high: float) -> list[int]:
+    return [s for s, v in enumerate(values) if not low <= v <= high]
+
+
+def test_sft_router_health(arch, record):
+    """Per-step router health into the report, flagged against healthy ranges. Fails when the
+    candidate's router ends unhealthy where the reference's is healthy, or on non-finite values."""
+    run = _run(arch)
+    _complete(arch, run)
+    ranges = healthy_ranges(arch)
+    figures, flags, problems = {}, [], []
+    panels = {}
+    for metric, (low, high) in ranges.items():
+        cand, ref = getattr(run.candidate, metric), getattr(run.reference, metric)
+        panels[metric] = {"candidate": _round(cand), "reference": _round(ref), "healthy low": [low] * len(cand),
+                          "healthy high": [high] * len(cand)}
+        end_c = sum(cand[-FINAL_WINDOW:]) / FINAL_WINDOW
+        end_r = sum(ref[-FINAL_WINDOW:]) / FINAL_WINDOW
+        figures[f"{metric}_final"] = end_c
+        figures[f"reference_{metric}_final"] = end_r
+        bad = _out_of_range(cand, low, high)
+        if bad:
+            flags.append(f"{metric} outside [{low:.3g}, {high:.3g}] at {len(bad)}/{len(cand)} steps (first {bad[0]})")
+        if not all(math.isfinite(v) for v in cand):
+            problems.append(f"{metric} is not finite at step {next(s for s, v in enumerate(cand) if not math.isfinite(v))}")
+        elif not low <= end_c <= high and low <= end_r <= high:
+            problems.append(f"{metric} ends at {end_c:.3g} (mean of the last {FINAL_WINDOW} steps), outside the healthy "
+                            f"range [{low:.3g}, {high:.3g}], while the reference's ends at {end_r:.3g}")
+    figures["health_flags"] = flags
+    figures["curves"] = {"title": f"{arch.id}: router health during SFT (worst MoE layer)", "panels": panels}
+    record(figures=figures, thresholds={f"{m}_range": list(r) for m, r in ranges.items()})
+    if problems:
+        _fail(arch, "router health", problems)
+
+
+def test_sft_checkpoint_reloads(arch, record, tmp_path):
+    """The trained candidate, exported with to_hf into an on-disk checkpoint (+ tokenizer),
+    reloads into the candidate (bit-identical logits) and the reference (parity gate)."""
+    run = _run(arch)
+    _complete(arch, run)
+    cand = run.cand_model
+    exported = arch.spec.converter.to_hf({k: v.detach().clone() for k, v in cand.state_dict().items()})
+    source = arch.save_reference(tmp_path / "original")
+    folder = write_checkpoint(tmp_path / "trained", exported, source)
+    tokenizer.copy_to(folder)
+    disk = read_checkpoint(folder)
+    reloaded_cand = arch.candidate(state=arch.spec.converter.to_candidate(disk))
+    reloaded_ref = load_reference(type(arch.reference()), folder, getattr(arch.spec.converter, "disk_prefix", ""))
+    batch = data.lm_batch(tokenizer.load(), 4, arch.case_seed + 2).to(arch.device)
+    valid = batch.valid
+    with torch.no_grad():
+        trained = logits_of(cand(**batch.kwargs))[valid].double()
+        again = logits_of(reloaded_cand(**batch.kwargs))[valid].double()
+        ref = logits_of(reloaded_ref(**batch.kwargs, use_cache=False))[valid].double()
+    cand_delta = float((trained - again).abs().max())
+    ref_delta = float((trained - ref).abs().max())
+    gate = tolerances.profile("logit_parity", "float32", arch.spec.tolerances).thresholds()["max_abs_logit_delta"]
+    record(figures={"reloaded_candidate_max_abs_logit_delta": cand_delta, "reloaded_reference_max_abs_logit_delta": ref_delta,
+                    "checkpoint_tensors": len(disk)},
+           thresholds={"reloaded_candidate_max_abs_logit_delta": 0.0, "reloaded_reference_max_abs_logit_delta": gate})
+    problems = []
+    if not cand_delta == 0.0:
+        problems.append(f"the candidate reloaded from the checkpoint changes logits by up to {cand_delta:.3g} (must be 0)")
+    if not ref_delta <= gate:
+        problems.append(f"the reference loaded from the trained checkpoint differs from the trained candidate by up to "
+                        f"{ref_delta:.3g} (gate: <= {gate:.3g})")
+    if problems:
+        _fail(arch, "the trained checkpoint does not reload faithfully", problems)

@@ -1,0 +1,105 @@
+"""Deliberately broken training code or candidates for the `router_grad` and `sft` suites.
+
+``build(bug)`` returns a built-in arch's spec with exactly one training bug planted, under the
+name ``<arch>_<bug>``: in the candidate model (a detached router, a correction bias that
+receives gradient, router logits returned after softmax, a shared expert cut from the graph) or
+in the team's training code it declares through ``ArchSpec.training`` (aux loss counting
+padding, a wrong z-loss, an optimizer missing the experts, an LR schedule off by a factor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+
+from moe_conformance import training
+from moe_conformance.modeling.moe_transformer import MoE, Router
+from planted import _each, _patched, base_spec
+
+
+def _wrap_router(model, post):
+    """Replace each Router's forward by ``post(router, *original outputs)``."""
+
+    def patch(r):
+        original = r.forward
+        r.forward = lambda x, r=r, original=original: post(r, *original(x))
+
+    _each(model, Router, patch)
+
+
+def _router_detached(model):
+    # routing weights computed from a detached copy of the scores: the LM loss never reaches the gate
+    _wrap_router(model, lambda r, logits, weights, indices: (logits, weights.detach(), indices))
+
+
+def _bias_receives_gradient(model):
+    # the correction bias made a Parameter and leaked into the weights straight-through: the
+    # forward is unchanged (logits match) but the bias gets gradient and would be trained
+    def patch(r):
+        bias = r._buffers.pop("expert_bias")
+        r.expert_bias = torch.nn.Parameter(bias.clone())
+        r._apply = types.MethodType(torch.nn.Module._apply, r)
+        original = r.forward
+
+        def forward(x, r=r, original=original):
+            logits, weights, indices = original(x)
+            leak = (r.expert_bias - r.expert_bias.detach())[indices]
+            return logits, weights + leak, indices
+
+        r.forward = forward
+
+    _each(model, Router, patch)
+
+
+def _router_logits_after_softmax(model):
+    # the router hands back probabilities as its logits: the aux loss then sees softmax(softmax(x))
+    _wrap_router(model, lambda r, logits, weights, indices: (logits.softmax(-1), weights, indices))
+
+
+def _shared_expert_detached(model):
+    # the shared expert's output is cut from the graph: it computes, but never trains
+    _each(model, MoE, lambda m: m.shared_experts.register_forward_hook(lambda mod, args, out: out.detach())
+          if hasattr(m, "shared_experts") else None)
+
+
+def _aux_ignores_mask(router_logits, top_k, attention_mask=None):
+    return training.aux_loss(router_logits, top_k, None)  # the bug: padding rows counted
+
+
+def _z_squared_after_mean(router_logits, attention_mask=None):
+    keep = attention_mask.reshape(-1).bool() if attention_mask is not None else slice(None)
+    rows = torch.cat([logits[keep] for logits in router_logits])
+    return rows.float().logsumexp(-1).mean() ** 2  # the bug: square of the mean, not mean of squares
+
+
+def _optimizer_without_experts(model, cfg):
+    params = [p for n, p in model.named_parameters() if ".experts." not in n]  # the bug: experts left out
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def _lr_doubled(step, cfg):
+    return 2.0 * training.lr_at(step, cfg)  # the bug: peak LR read from the wrong field (x2)
+
+
+def _hooks(**kw):
+    return lambda s: s.replace(training=training.TrainingHooks(**kw))
+
+
+BUGS = {
+    "router_detached": ("kimi_k25", lambda s: s.replace(candidate=_patched(s, _router_detached))),
+    "bias_receives_gradient": ("glm4_moe", lambda s: s.replace(candidate=_patched(s, _bias_receives_gradient))),
+    "aux_softmax_of_softmax": ("mixtral", lambda s: s.replace(candidate=_patched(s, _router_logits_after_softmax))),
+    "aux_counts_padding": ("mixtral", _hooks(aux_loss=_aux_ignores_mask)),
+    "z_loss_wrong": ("kimi_k25", _hooks(z_loss=_z_squared_after_mean)),
+    "optimizer_missing_experts": ("glm4_moe", _hooks(optimizer=_optimizer_without_experts)),
+    "lr_schedule_off": ("kimi_k25", _hooks(lr_at=_lr_doubled)),
+    "shared_expert_frozen": ("glm4_moe", lambda s: s.replace(candidate=_patched(s, _shared_expert_detached))),
+}
+
+
+def build(bug: str):
+    arch, breaks = BUGS[bug]
+    spec = breaks(base_spec(arch))
+    return dataclasses.replace(spec, name=f"{arch}_{bug}")

@@ -1,0 +1,58 @@
+"""Every training check can fail: each planted training bug (tests/planted_training.py) makes the
+RIGHT check of the router_grad or sft suite fail, with a message naming the fault, and the same
+suite passes on the unbroken arch (so the failure is the bug's, not the setup's)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import checks_by_name, run_suites
+
+# bug -> (suite, variant, failing check (test name prefix), fragments its message must hold)
+EXPECTED = {
+    "router_detached": ("test_router_grad.py", "faithful", "test_router_weights_get_gradient",
+                        ["router weights get no usable gradient", "layers.1.moe.router.gate.weight: no gradient",
+                         "detached from the loss"]),
+    "bias_receives_gradient": ("test_router_grad.py", "faithful", "test_correction_bias_gets_no_gradient",
+                               ["the correction bias receives gradient", "layers.1.moe.router.expert_bias: receives gradient",
+                                "requires_grad=True"]),
+    "aux_softmax_of_softmax": ("test_router_grad.py", "faithful", "test_aux_loss",
+                               ["aux_reference_rel_delta", "equal softmax(reference router logits)", "softmax of softmax"]),
+    "aux_counts_padding": ("test_router_grad.py", "faithful", "test_aux_loss",
+                           ["aux_rel_delta", "it counts padding tokens"]),
+    "z_loss_wrong": ("test_router_grad.py", "faithful", "test_z_loss",
+                     ["z-loss", "does not match its definition mean(logsumexp(router_logits)^2)",
+                      "it equals mean(logsumexp)^2 (squared after averaging)"]),
+    "optimizer_missing_experts": ("test_sft.py", "faithful", "test_sft_all_parameters_train",
+                                  ["missing from the optimizer's parameter groups: layers.1.moe.experts.w1",
+                                   "did not change in 24 steps"]),
+    "lr_schedule_off": ("test_sft.py", "faithful", "test_sft_lr_schedule",
+                        ["the learning-rate schedule is wrong", "off by a constant factor 2"]),
+    "shared_expert_frozen": ("test_router_grad.py", "faithful", "test_shared_experts_get_gradient",
+                             ["the shared expert does not train", "layers.1.moe.shared_experts.w1.weight: no gradient"]),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(EXPECTED))
+def test_planted_training_bug_is_caught(pytester, bug):
+    suite, variant, check, fragments = EXPECTED[bug]
+    result, reports = run_suites(
+        pytester, "-k", variant, suite=suite, plugin_name=f"planted_{bug}",
+        plugin_source=f"import planted_training\nARCH = planted_training.build({bug!r})\n",
+    )
+    (report,) = reports.values()
+    failed = {name: c for name, c in checks_by_name(report).items() if c["status"] == "failed"}
+    hits = {name: c for name, c in failed.items() if name.startswith(check + "[")}
+    assert hits, f"{bug}: {check} did not fail; failed checks: {sorted(failed)}\n{result.stdout.str()[-3000:]}"
+    for name, c in hits.items():
+        for fragment in fragments:
+            assert fragment in c["message"], f"{bug}: {name} message lacks {fragment!r}:\n{c['message']}"
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "kimi_k25", "mixtral"])
+@pytest.mark.parametrize("suite", ["test_router_grad.py", "test_sft.py"])
+def test_unbroken_arch_passes(pytester, arch, suite):
+    """The control: the arches the bugs are planted in pass the same suites unbroken."""
+    result, reports = run_suites(pytester, "--arch", arch, "-k", "faithful", suite=suite)
+    statuses = {name: c["status"] for name, c in checks_by_name(reports[arch]).items()}
+    assert statuses and set(statuses.values()) <= {"passed", "skipped"}, statuses
