@@ -30,3 +30,21 @@ def run_suites(pytester, *args, suite: str | None = None, plugin_source: str | N
 
 def checks_by_name(report: dict) -> dict[str, dict]:
     return {c["name"]: c for c in report["checks"]}
+
+
+def run_planted_bug(pytester, module: str, bug: str, suite: str, variant: str, check: str, fragments: list[str]):
+    """Run ``suite`` on ``<module>.build(bug)`` and assert that ``check`` failed (on every
+    parametrization that did fail) with a message holding each fragment. Returns the failing
+    check records by test name."""
+    result, reports = run_suites(
+        pytester, "-k", variant, suite=suite, plugin_name=f"planted_{bug}",
+        plugin_source=f"import {module}\nARCH = {module}.build({bug!r})\n",
+    )
+    (report,) = reports.values()
+    failed = {name: c for name, c in checks_by_name(report).items() if c["status"] == "failed"}
+    hits = {name: c for name, c in failed.items() if name.startswith(check + "[")}
+    assert hits, f"{bug}: {check} did not fail; failed checks: {sorted(failed)}\n{result.stdout.str()[-3000:]}"
+    for name, c in hits.items():
+        for fragment in fragments:
+            assert fragment in c["message"], f"{bug}: {name} message lacks {fragment!r}:\n{c['message']}"
+    return hits

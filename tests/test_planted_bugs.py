@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import checks_by_name, run_suites
+from helpers import run_planted_bug
 
 # bug -> (suite, variant, failing check (prefix of the test name), fragments its message must hold)
 EXPECTED = {
@@ -76,17 +76,7 @@ GATE_MARGIN = 10.0
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
 def test_planted_bug_is_caught(pytester, bug):
     suite, variant, check, fragments = EXPECTED[bug]
-    result, reports = run_suites(
-        pytester, "-k", variant, suite=suite, plugin_name=f"planted_{bug}",
-        plugin_source=f"import planted\nARCH = planted.build({bug!r})\n",
-    )
-    (report,) = reports.values()
-    failed = {name: c for name, c in checks_by_name(report).items() if c["status"] == "failed"}
-    hits = {name: c for name, c in failed.items() if name.startswith(check + "[")}
-    assert hits, f"{bug}: {check} did not fail; failed checks: {sorted(failed)}\n{result.stdout.str()[-3000:]}"
-    for name, c in hits.items():
-        for fragment in fragments:
-            assert fragment in c["message"], f"{bug}: {name} message lacks {fragment!r}:\n{c['message']}"
+    hits = run_planted_bug(pytester, "planted", bug, suite, variant, check, fragments)
     if bug in ONLY_SOME_INPUTS:
         failing_inputs = {n.split("-")[-1].rstrip("]") for n in hits}
         assert failing_inputs == ONLY_SOME_INPUTS[bug], failing_inputs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import checks_by_name, run_suites
+from helpers import checks_by_name, run_planted_bug, run_suites
 
 # bug -> (suite, variant, failing check (test name prefix), fragments its message must hold)
 EXPECTED = {
@@ -36,17 +36,7 @@ EXPECTED = {
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
 def test_planted_training_bug_is_caught(pytester, bug):
     suite, variant, check, fragments = EXPECTED[bug]
-    result, reports = run_suites(
-        pytester, "-k", variant, suite=suite, plugin_name=f"planted_{bug}",
-        plugin_source=f"import planted_training\nARCH = planted_training.build({bug!r})\n",
-    )
-    (report,) = reports.values()
-    failed = {name: c for name, c in checks_by_name(report).items() if c["status"] == "failed"}
-    hits = {name: c for name, c in failed.items() if name.startswith(check + "[")}
-    assert hits, f"{bug}: {check} did not fail; failed checks: {sorted(failed)}\n{result.stdout.str()[-3000:]}"
-    for name, c in hits.items():
-        for fragment in fragments:
-            assert fragment in c["message"], f"{bug}: {name} message lacks {fragment!r}:\n{c['message']}"
+    run_planted_bug(pytester, "planted_training", bug, suite, variant, check, fragments)
 
 
 @pytest.mark.parametrize("arch", ["glm4_moe", "kimi_k25", "mixtral"])
