@@ -124,7 +124,7 @@ def choice_margins(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, 
         group_scores = groups.topk(2, dim=-1).values.sum(-1).sort(-1, descending=True).values
         out["group_margin"] = group_scores[:, topk_group - 1] - group_scores[:, topk_group]
         kept = groups.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
-        mask = torch.zeros(choice.shape[0], n_group, dtype=torch.bool).scatter_(1, kept, True)
+        mask = torch.zeros(choice.shape[0], n_group, dtype=torch.bool, device=choice.device).scatter_(1, kept, True)
         choice = choice.masked_fill(~mask.repeat_interleave(choice.shape[1] // n_group, 1), float("-inf"))
     ranked = choice.sort(-1, descending=True).values
     out["topk_margin"] = ranked[:, top_k - 1] - ranked[:, top_k]

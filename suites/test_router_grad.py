@@ -237,7 +237,8 @@ def _router_logits(arch):
 
 def formula_aux_loss(router_logits, top_k: int, valid: torch.Tensor | None) -> float:
     """The Switch/Mixtral load-balancing loss, independently: fp64, by counting."""
-    rows = [l.double()[valid.reshape(-1).bool()] if valid is not None else l.double() for l in router_logits]
+    rows = [l.detach().double().cpu()[valid.reshape(-1).bool().cpu()] if valid is not None else l.detach().double().cpu()
+            for l in router_logits]
     E = rows[0].shape[-1]
     counts = torch.zeros(E, dtype=torch.float64)
     prob_sum = torch.zeros(E, dtype=torch.float64)
@@ -253,7 +254,8 @@ def formula_aux_loss(router_logits, top_k: int, valid: torch.Tensor | None) -> f
 
 
 def formula_z_loss(router_logits, valid: torch.Tensor | None) -> float:
-    rows = torch.cat([l.double()[valid.reshape(-1).bool()] if valid is not None else l.double() for l in router_logits])
+    rows = torch.cat([l.detach().double().cpu()[valid.reshape(-1).bool().cpu()] if valid is not None
+                      else l.detach().double().cpu() for l in router_logits])
     return float(rows.logsumexp(-1).pow(2).mean())
 
 
