@@ -1,0 +1,298 @@
+"""RL (fp32): a short GRPO-style loop on the reverse-text task (``moe_conformance.rl``) from a
+short SFT warm start, with rollouts from an inference engine (the arch's ``rl.engine``; by
+default the candidate with a KV cache; vLLM in ``test_rl_vllm`` when available).
+
+Checks: KL to the frozen reference policy finite at every step and non-zero (and non-negative)
+after the first update; loss finite and not constant; gradient norms finite; the engine/trainer
+mismatch on the sampled tokens (k3 mismatch KL, max |delta logprob|) under a measured gate at
+step 0 and after every weight update (an engine that missed the update is named); the KL
+estimator is the one it claims to be; the reward scores the answer; the experts the engine
+routed each token to during rollout match the training forward's (flip rate per layer).
+Curves (loss, KL, reward, grad norm, mismatch, routing flips) go to the report and its plots.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+
+from moe_conformance import engines, rl, tolerances
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+VLLM_STEPS = 2  # vLLM RL: each step is a fresh engine start on the updated checkpoint
+
+
+def _run(arch) -> rl.RLRun:
+    if arch not in _RUNS:
+        _RUNS[arch] = rl.run_rl(arch, rl.hooks_for(arch.spec))
+    return _RUNS[arch]
+
+
+def _profile(arch):
+    return tolerances.profile("rl", "float32", arch.spec.tolerances)
+
+
+def _fail(arch, what: str, problems: list[str]):
+    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems[:10]), pytrace=False)
+
+
+def _complete(arch, run: rl.RLRun) -> None:
+    if run.log.error:
+        _fail(arch, f"the RL run crashed (engine {run.engine!r})", [run.log.error])
+
+
+def _r(values):
+    return [float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v for v in values]
+
+
+def _curves(arch, run: rl.RLRun, title: str) -> dict:
+    log = run.log
+    return {"title": f"{arch.id}: {title} (engine {run.engine})",
+            "panels": {"loss": {"GRPO loss": _r(log.loss)},
+                       f"KL to reference ({run.estimator.name})": {"kl": _r(log.kl)},
+                       "reward": {"mean": _r(log.reward_mean), "within-group std": _r(log.reward_std)},
+                       "grad norm": {"before clipping": _r(log.grad_norm)}}}
+
+
+def test_rl_kl(arch, record):
+    """KL to the frozen reference: finite at every step, zero before the first update (same
+    weights), non-zero and non-negative after it."""
+    run = _run(arch)
+    _complete(arch, run)
+    log = run.log
+    gate = _profile(arch).thresholds()["kl_after_update"]
+    after = log.kl[1:]
+    record(figures={"kl_estimator": run.estimator.name, "kl_step0": log.kl[0], "kl_after_update_min": min(after),
+                    "kl_final": log.kl[-1], "steps": len(log.kl), "curves": _curves(arch, run, "GRPO on reverse text")},
+           thresholds={"kl_after_update": gate})
+    problems = []
+    bad = [s for s, v in enumerate(log.kl) if not math.isfinite(v)]
+    if bad:
+        problems.append(f"KL is not finite at step(s) {bad[:5]}: {[log.kl[s] for s in bad[:5]]} (a distribution "
+                        f"collapsed, or logprobs of -inf)")
+    neg = [s for s, v in enumerate(log.kl) if v < 0]
+    if neg:
+        problems.append(f"KL is negative at step(s) {neg[:5]} ({log.kl[neg[0]]:.3g}): the {run.estimator.name} estimate of "
+                        f"KL(policy || reference) cannot be negative: the estimator's sign is wrong")
+    zero = [s + 1 for s, v in enumerate(after) if math.isfinite(v) and abs(v) < gate]
+    if zero:
+        problems.append(f"KL is zero after the first update at step(s) {zero[:5]} (|KL| < {gate:.3g}): the reference "
+                        f"policy follows the policy (not frozen), or the KL term reads the wrong logprobs")
+    if problems:
+        _fail(arch, "KL to the reference policy", problems)
+
+
+def test_rl_loss_and_grads(arch, record):
+    """The GRPO loss is finite at every step and not constant; gradient norms finite."""
+    run = _run(arch)
+    _complete(arch, run)
+    log = run.log
+    spread = max(log.loss) - min(log.loss) if rl.finite(log.loss) else math.nan
+    gate = _profile(arch).thresholds()["loss_spread"]
+    record(figures={"loss_spread": spread, "loss": _r(log.loss), "grad_norm": _r(log.grad_norm),
+                    "grad_norm_max": max(log.grad_norm), "ratio_mean": _r(log.ratio_mean),
+                    "clip_fraction": _r(log.clip_fraction)},
+           thresholds={"loss_spread": gate})
+    problems = []
+    for name, values in (("loss", log.loss), ("grad norm", log.grad_norm)):
+        bad = [s for s, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            problems.append(f"{name} not finite at step(s) {bad[:5]}")
+    if math.isfinite(spread) and not spread >= gate:
+        problems.append(f"the loss is constant over {len(log.loss)} steps (max - min = {spread:.3g}, gate: >= {gate:.3g}): "
+                        f"advantages all zero (the reward does not vary within groups?) or no gradient reaches the policy")
+    if problems:
+        _fail(arch, "GRPO loss / gradients", problems)
+
+
+def _mismatch_problems(run: rl.RLRun, steps: list[int], gates: dict[str, float]) -> list[str]:
+    log = run.log
+    out = []
+    for s in steps:
+        figs = {"mismatch_kl": log.mismatch_kl[s], "mismatch_max": log.mismatch_max[s]}
+        over = [f"{k} = {v:.3g} (gate: <= {gates[k]:.3g})" for k, v in figs.items() if not abs(v) <= gates[k]]
+        if over:
+            out.append(f"step {s}: " + "; ".join(over) + f"; mean |delta logprob| {log.mismatch_mean[s]:.3g} over "
+                       f"{log.completion_tokens[s]} sampled tokens")
+    return out
+
+
+def _diagnose(run: rl.RLRun, steps: list[int], gates: dict[str, float]) -> list[str]:
+    log, T = run.log, run.cfg.temperature
+    hints = []
+    g = gates["mismatch_max"]
+    bad = [s for s in steps if not log.mismatch_max[s] <= g]
+    if bad and all(log.engine_vs_untempered_max[s] <= g for s in bad):
+        hints.append(f"the engine's logprobs equal log_softmax(logits) / T (T = {T}; max|delta| "
+                     f"{max(log.engine_vs_untempered_max[s] for s in bad):.3g}): temperature applied to the logprobs "
+                     f"instead of the logits")
+    after = [s for s in bad if s > 0]
+    if after and all(log.engine_vs_reference_max[s] <= g for s in after):
+        hints.append(f"at step(s) {after[:5]} the engine's logprobs equal the frozen initial weights' (max|delta| "
+                     f"{max(log.engine_vs_reference_max[s] for s in after):.3g}): stale weights, the engine did not "
+                     f"receive the weight update")
+    return hints
+
+
+def _mismatch_curves(arch, run):
+    log = run.log
+    return {"title": f"{arch.id}: engine ({run.engine}) vs trainer logprobs on sampled tokens",
+            "panels": {"mismatch KL (k3, engine || trainer)": {"mismatch_kl": _r(log.mismatch_kl)},
+                       "max |delta logprob|": {"mismatch_max": _r(log.mismatch_max),
+                                               "mean": _r(log.mismatch_mean)}},
+            "log_panels": ["mismatch KL (k3, engine || trainer)", "max |delta logprob|"]}
+
+
+def test_rl_engine_mismatch(arch, record):
+    """Step 0 (engine and trainer hold the same weights): the engine's logprobs of its own
+    samples match the trainer's recomputation."""
+    run = _run(arch)
+    _complete(arch, run)
+    gates = {k: v for k, v in _profile(arch).thresholds().items() if k in ("mismatch_kl", "mismatch_max")}
+    log = run.log
+    record(figures={"engine": run.engine, "mismatch_kl": log.mismatch_kl[0], "mismatch_max": log.mismatch_max[0],
+                    "mismatch_mean": log.mismatch_mean[0], "sampled_tokens": log.completion_tokens[0],
+                    "curves": _mismatch_curves(arch, run)}, thresholds=gates)
+    problems = _mismatch_problems(run, [0], gates)
+    if problems:
+        _fail(arch, f"engine {run.engine!r} and trainer disagree on logprobs at step 0", problems + _diagnose(run, [0], gates))
+
+
+def test_rl_engine_follows_updates(arch, record):
+    """After every weight update the engine serves the new weights: the mismatch stays at the
+    step-0 gate (an engine holding stale weights drifts by the size of the update)."""
+    run = _run(arch)
+    _complete(arch, run)
+    gates = {k: v for k, v in _profile(arch).thresholds().items() if k in ("mismatch_kl", "mismatch_max")}
+    log = run.log
+    steps = list(range(1, len(log.mismatch_max)))
+    record(figures={"mismatch_max_after_updates": max(log.mismatch_max[1:]),
+                    "mismatch_kl_after_updates": max(abs(v) for v in log.mismatch_kl[1:]),
+                    "engine_vs_initial_weights_max": _r(log.engine_vs_reference_max)}, thresholds=gates)
+    problems = _mismatch_problems(run, steps, gates)
+    if problems:
+        _fail(arch, f"engine {run.engine!r} and trainer disagree on logprobs after weight updates",
+              problems[:4] + _diagnose(run, steps, gates))
+
+
+def test_rl_kl_estimator(arch, record):
+    """The KL estimator computes the definition it is named after, on the run's own (logp,
+    ref_logp) pairs of the last step (where policy and reference differ)."""
+    run = _run(arch)
+    _complete(arch, run)
+    est = run.estimator
+    if est.name not in rl.KL_DEFINITIONS:
+        _fail(arch, "unknown KL estimator", [f"{est.name!r} is not one of {sorted(rl.KL_DEFINITIONS)}"])
+    logp, ref = run.kl_samples
+    want_fn, formula = rl.KL_DEFINITIONS[est.name]
+    want = want_fn(logp, ref)
+    got = est.fn(logp, ref).double()
+    scale = float(want.abs().max().clamp_min(1e-12))
+    rel = float((got - want).abs().max()) / scale
+    gate = _profile(arch).thresholds()["kl_estimator_rel_delta"]
+    record(figures={"kl_estimator": est.name, "kl_estimator_rel_delta": rel, "tokens": int(logp.numel()),
+                    "log_ratio_max": float((logp - ref).abs().max())}, thresholds={"kl_estimator_rel_delta": gate})
+    if not rel <= gate:
+        hints = []
+        variants = {"the sign of the log-ratio flipped (logp - ref_logp where the definition has ref_logp - logp)":
+                        want_fn(ref, logp), "negated": -want,
+                    **{f"the {name} estimator ({f})": fn(logp, ref) for name, (fn, f) in rl.KL_DEFINITIONS.items()
+                       if name != est.name}}
+        for what, value in variants.items():
+            if float((got - value).abs().max()) / max(float(value.abs().max()), 1e-12) <= gate:
+                hints.append(f"it equals {est.name} with {what}" if "estimator" not in what else f"it equals {what}")
+        _fail(arch, f"the KL estimator named {est.name!r} does not compute its definition {formula}",
+              [f"max relative delta {rel:.3g} (gate: <= {gate:.3g}) over {logp.numel()} tokens; mean estimate "
+               f"{float(got.mean()):.4g}, definition {float(want.mean()):.4g}", *hints])
+
+
+def test_rl_reward(arch, record):
+    """The reward scores the answer: the exact reversal of each prompt gets the top reward, a
+    wrong answer (the prompt itself, an empty answer, another prompt's reversal) clearly less;
+    and the rollouts' rewards vary within groups (else every advantage is zero)."""
+    run = _run(arch)
+    _complete(arch, run)
+    reward = rl.hooks_for(arch.spec).reward
+    gap_gate = _profile(arch).thresholds()["reward_gap"]
+    rows, gaps = [], []
+    texts = run.prompts
+    for i, text in enumerate(texts):
+        exact = reward(text, text[::-1])
+        wrong = {"the prompt unreversed": reward(text, text), "an empty answer": reward(text, ""),
+                 "another prompt's reversal": reward(text, texts[(i + 1) % len(texts)][::-1])}
+        gaps.append(exact - max(wrong.values()))
+        rows.append((text, exact, wrong))
+    std = run.log.reward_std
+    record(figures={"reward_gap_min": min(gaps), "reward_exact_min": min(r[1] for r in rows),
+                    "reward_within_group_std": _r(std), "reward_mean": _r(run.log.reward_mean),
+                    "examples": [list(e) for e in run.examples[:4]]},
+           thresholds={"reward_gap": gap_gate})
+    problems = []
+    for text, exact, wrong in rows:
+        if not exact - max(wrong.values()) >= gap_gate:
+            problems.append(f"prompt {text!r}: the exact reversal scores {exact:.3g}, while "
+                            + ", ".join(f"{k} scores {v:.3g}" for k, v in wrong.items()))
+    if problems and all(abs(exact - v) < 1e-9 for _, exact, wrong in rows for v in wrong.values()):
+        problems.append("every answer gets the same reward: the reward ignores the answer")
+    if not problems and max(std) == 0.0:
+        problems.append("the rollouts' rewards never vary within a group: all advantages are zero")
+    if problems:
+        _fail(arch, f"the reward does not score the answer (gate: exact - best wrong >= {gap_gate:.3g})", problems)
+
+
+def test_rl_routing_consistency(arch, record):
+    """The experts the engine chose for each token during rollout (prefill and every decoded
+    token) equal those of the training forward over the same sequence: flip rate per MoE layer."""
+    run = _run(arch)
+    _complete(arch, run)
+    if not run.reports_routing or not run.log.routing_flips:
+        pytest.skip(f"engine {run.engine!r} does not report routing")
+    log = run.log
+    layers = len(log.routing_flips[0])
+    tokens = sum(log.routing_tokens)
+    per_layer = [sum(step[layer] for step in log.routing_flips) / max(tokens, 1) for layer in range(layers)]
+    per_step = [sum(f) / max(n * layers, 1) for f, n in zip(log.routing_flips, log.routing_tokens)]
+    gate = _profile(arch).thresholds()["routing_flip_rate"]
+    record(figures={"routing_flip_rate": max(per_layer), "routing_flip_rate_per_layer": _r(per_layer),
+                    "routed_tokens": tokens,
+                    "curves": {"title": f"{arch.id}: routing flips, rollout ({run.engine}) vs training forward",
+                               "panels": {"flip rate per step (all MoE layers)": {"flip rate": _r(per_step)},
+                                          "flip rate per MoE layer": {"flip rate": _r(per_layer)}},
+                               "log_panels": ["flip rate per step (all MoE layers)"]}},
+           thresholds={"routing_flip_rate": gate})
+    if not max(per_layer) <= gate:
+        worst = max(range(layers), key=lambda i: per_layer[i])
+        _fail(arch, f"routing differs between rollout ({run.engine}) and training for the same tokens", [
+            "flip rate per MoE layer: " + ", ".join(f"layer {i}: {r:.3g}" for i, r in enumerate(per_layer))
+            + f" (gate: <= {gate:.3g}) over {tokens} tokens",
+            f"worst MoE layer {worst}: {sum(s[worst] for s in log.routing_flips)} of {tokens} tokens routed to "
+            f"different experts"])
+
+
+@pytest.mark.arch_variants("faithful")
+def test_rl_vllm(arch, record):
+    """The RL loop with vLLM as the engine (a fresh engine on the saved checkpoint every step):
+    KL finite, loss finite, the mismatch under the gate at every step."""
+    why = engines.unavailable("vllm", arch)
+    if why:
+        record(figures={"engine": "vllm", "skipped_because": why})
+        pytest.skip(f"vLLM not run for {arch.id}: {why}")
+    cfg = rl.RLConfig(steps=VLLM_STEPS)
+    run = rl.run_rl(arch, rl.hooks_for(arch.spec), cfg, engine_factory=engines.VLLMEngine)
+    gates = {k: v for k, v in _profile(arch).thresholds().items() if k in ("mismatch_kl", "mismatch_max")}
+    log = run.log
+    record(figures={"engine": "vllm", "steps": len(log.loss), "kl": _r(log.kl), "loss": _r(log.loss),
+                    "mismatch_kl": _r(log.mismatch_kl), "mismatch_max": _r(log.mismatch_max),
+                    "mismatch_max_worst": max(log.mismatch_max) if log.mismatch_max else math.nan,
+                    "engine_starts": len(run.engine_seconds),
+                    "curves": _mismatch_curves(arch, run)}, thresholds=gates)
+    _complete(arch, run)
+    problems = _mismatch_problems(run, list(range(len(log.mismatch_max))), gates)
+    bad = [s for s, v in enumerate(log.kl + log.loss) if not math.isfinite(v)]
+    if bad:
+        problems.append(f"KL or loss not finite: kl {log.kl}, loss {log.loss}")
+    if problems:
+        _fail(arch, "vLLM and trainer disagree during RL", problems + _diagnose(run, list(range(len(log.kl))), gates))
+

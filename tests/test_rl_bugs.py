@@ -1,0 +1,57 @@
+"""Every RL / engine check can fail: each planted bug (tests/planted_rl.py, BUGS.md #31-32)
+makes the RIGHT check of the rl or engine_parity suite fail with a message naming the fault, and
+the same suites pass on the unbroken archs (the control)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import checks_by_name, run_suites
+
+# bug -> (suite, failing check (test name prefix), fragments its message must hold)
+EXPECTED = {
+    "temperature_on_logprobs": ("test_rl.py", "test_rl_engine_mismatch",
+                                ["disagree on logprobs at step 0",
+                                 "temperature applied to the logprobs instead of the logits"]),
+    "logprob_off_by_one": ("test_engine_parity.py", "test_engine_parity",
+                           ["engine 'candidate' prompt logprobs differ from the trainer's", "first divergence",
+                            "off-by-one logprob shift", "position t+1"]),
+    "stale_engine_weights": ("test_rl.py", "test_rl_engine_follows_updates",
+                             ["disagree on logprobs after weight updates",
+                              "stale weights, the engine did not receive the weight update"]),
+    "kl_wrong_sign": ("test_rl.py", "test_rl_kl_estimator",
+                      ["the KL estimator named 'k3' does not compute its definition",
+                       "it equals k3 with the sign of the log-ratio flipped"]),
+    "reward_ignores_answer": ("test_rl.py", "test_rl_reward",
+                              ["the reward does not score the answer", "the reward ignores the answer"]),
+    "routing_differs": ("test_rl.py", "test_rl_routing_consistency",
+                        ["routing differs between rollout (candidate) and training", "flip rate per MoE layer",
+                         "routed to different experts"]),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(EXPECTED))
+def test_planted_rl_bug_is_caught(pytester, bug):
+    suite, check, fragments = EXPECTED[bug]
+    result, reports = run_suites(
+        pytester, "-k", "faithful", suite=suite, plugin_name=f"planted_rl_{bug}",
+        plugin_source=f"import planted_rl\nARCH = planted_rl.build({bug!r})\n",
+    )
+    (report,) = reports.values()
+    failed = {name: c for name, c in checks_by_name(report).items() if c["status"] == "failed"}
+    hits = {name: c for name, c in failed.items() if name.startswith(check + "[")}
+    assert hits, f"{bug}: {check} did not fail; failed checks: {sorted(failed)}\n{result.stdout.str()[-3000:]}"
+    for name, c in hits.items():
+        for fragment in fragments:
+            assert fragment in c["message"], f"{bug}: {name} message lacks {fragment!r}:\n{c['message']}"
+
+
+@pytest.mark.parametrize("arch", ["kimi_k25", "qwen3_moe", "mixtral"])
+def test_unbroken_arch_passes_rl_suites(pytester, arch):
+    """The control: the archs the bugs are planted in pass both suites unbroken."""
+    result, reports = run_suites(pytester, "--arch", arch, "-k", "faithful",
+                                 suite="test_rl.py")
+    statuses = {name: c["status"] for name, c in checks_by_name(reports[arch]).items()}
+    result, reports = run_suites(pytester, "--arch", arch, "-k", "faithful", suite="test_engine_parity.py")
+    statuses.update({name: c["status"] for name, c in checks_by_name(reports[arch]).items()})
+    assert statuses and set(statuses.values()) <= {"passed", "skipped"}, statuses
