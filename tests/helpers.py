@@ -37,7 +37,7 @@ def run_planted_bug(pytester, module: str, bug: str, suite: str, variant: str, c
     parametrization that did fail) with a message holding each fragment. Returns the failing
     check records by test name."""
     result, reports = run_suites(
-        pytester, "-k", variant, suite=suite, plugin_name=f"planted_{bug}",
+        pytester, "-k", variant, suite=suite, plugin_name=f"{module}_{bug}",
         plugin_source=f"import {module}\nARCH = {module}.build({bug!r})\n",
     )
     (report,) = reports.values()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import checks_by_name, run_suites
+from helpers import checks_by_name, run_planted_bug, run_suites
 
 # bug -> (suite, failing check (test name prefix), fragments its message must hold)
 EXPECTED = {
@@ -33,17 +33,7 @@ EXPECTED = {
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
 def test_planted_rl_bug_is_caught(pytester, bug):
     suite, check, fragments = EXPECTED[bug]
-    result, reports = run_suites(
-        pytester, "-k", "faithful", suite=suite, plugin_name=f"planted_rl_{bug}",
-        plugin_source=f"import planted_rl\nARCH = planted_rl.build({bug!r})\n",
-    )
-    (report,) = reports.values()
-    failed = {name: c for name, c in checks_by_name(report).items() if c["status"] == "failed"}
-    hits = {name: c for name, c in failed.items() if name.startswith(check + "[")}
-    assert hits, f"{bug}: {check} did not fail; failed checks: {sorted(failed)}\n{result.stdout.str()[-3000:]}"
-    for name, c in hits.items():
-        for fragment in fragments:
-            assert fragment in c["message"], f"{bug}: {name} message lacks {fragment!r}:\n{c['message']}"
+    run_planted_bug(pytester, "planted_rl", bug, suite, "faithful", check, fragments)
 
 
 @pytest.mark.parametrize("arch", ["kimi_k25", "qwen3_moe", "mixtral"])
