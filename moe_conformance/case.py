@@ -101,7 +101,7 @@ class ArchCase:
                 save_file(renamed, file, metadata={"format": "pt"})
             index = Path(folder) / "model.safetensors.index.json"
             if index.exists():
-                raise NotImplementedError("sharded checkpoints are not used for tiny models")
+                raise ValueError(f"{index}: sharded checkpoints are not supported for tiny models")
         return Path(folder)
 
     @cached_property

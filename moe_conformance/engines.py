@@ -25,6 +25,8 @@ Engines:
 
 from __future__ import annotations
 
+import abc
+
 import importlib.util
 import json
 import math
@@ -57,19 +59,24 @@ class Rollout:
     routing: list[list[list[int]]] | None = None
 
 
-class Engine:
+class Engine(abc.ABC):
+    """What the rl and engine_parity suites need from an inference engine."""
+
     name = "engine"
     reports_routing = False
 
+    @abc.abstractmethod
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Take these (candidate-format) weights; rebuild whatever caches depend on them."""
 
+    @abc.abstractmethod
     def prompt_logprobs(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Per sequence, the [len - 1, vocab] log-distributions of each next token."""
 
+    @abc.abstractmethod
     def generate(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int,
                  stop_token: int | None = None) -> list[Rollout]:
-        raise NotImplementedError
+        """``n`` sampled completions per prompt, with per-token logprobs at ``temperature``."""
 
     def close(self) -> None:
         pass

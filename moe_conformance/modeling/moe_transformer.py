@@ -332,7 +332,7 @@ class Experts(nn.Module):
         if self.backend != "torch":
             why = self.kernel_unsupported()
             if why:
-                raise NotImplementedError(f"experts backend {self.backend!r} does not compute {why}")
+                raise ValueError(f"experts backend {self.backend!r} does not compute {why}")
             from moe_conformance.kernels import moe_experts
 
             return moe_experts(x_TH, indices_TK, weights_TK, self.w1, self.w3, self.w2, backend=self.backend)
