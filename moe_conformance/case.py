@@ -129,6 +129,13 @@ class ArchCase:
     def module_pairs(self):
         return self.spec.converter.module_pairs(self.num_layers)
 
+    def fail(self, what: str, problems: list[str], limit: int = 10):
+        """Fail the running check with one line per problem, naming this case."""
+        import pytest
+
+        more = f"\n  ... {len(problems) - limit} more" if len(problems) > limit else ""
+        pytest.fail(f"{self.id}: {what}:\n  " + "\n  ".join(problems[:limit]) + more, pytrace=False)
+
 
 def _to(batch, device):
     from dataclasses import replace

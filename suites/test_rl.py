@@ -34,13 +34,11 @@ def _profile(arch):
     return tolerances.profile("rl", "float32", arch.spec.tolerances)
 
 
-def _fail(arch, what: str, problems: list[str]):
-    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems[:10]), pytrace=False)
 
 
 def _complete(arch, run: rl.RLRun) -> None:
     if run.log.error:
-        _fail(arch, f"the RL run crashed (engine {run.engine!r})", [run.log.error])
+        arch.fail(f"the RL run crashed (engine {run.engine!r})", [run.log.error])
 
 
 def _r(values):
@@ -81,7 +79,7 @@ def test_rl_kl(arch, record):
         problems.append(f"KL is zero after the first update at step(s) {zero[:5]} (|KL| < {gate:.3g}): the reference "
                         f"policy follows the policy (not frozen), or the KL term reads the wrong logprobs")
     if problems:
-        _fail(arch, "KL to the reference policy", problems)
+        arch.fail("KL to the reference policy", problems)
 
 
 def test_rl_loss_and_grads(arch, record):
@@ -104,7 +102,7 @@ def test_rl_loss_and_grads(arch, record):
         problems.append(f"the loss is constant over {len(log.loss)} steps (max - min = {spread:.3g}, gate: >= {gate:.3g}): "
                         f"advantages all zero (the reward does not vary within groups?) or no gradient reaches the policy")
     if problems:
-        _fail(arch, "GRPO loss / gradients", problems)
+        arch.fail("GRPO loss / gradients", problems)
 
 
 def _mismatch_problems(run: rl.RLRun, steps: list[int], gates: dict[str, float]) -> list[str]:
@@ -157,7 +155,7 @@ def test_rl_engine_mismatch(arch, record):
                     "curves": _mismatch_curves(arch, run)}, thresholds=gates)
     problems = _mismatch_problems(run, [0], gates)
     if problems:
-        _fail(arch, f"engine {run.engine!r} and trainer disagree on logprobs at step 0", problems + _diagnose(run, [0], gates))
+        arch.fail(f"engine {run.engine!r} and trainer disagree on logprobs at step 0", problems + _diagnose(run, [0], gates))
 
 
 def test_rl_engine_follows_updates(arch, record):
@@ -173,7 +171,7 @@ def test_rl_engine_follows_updates(arch, record):
                     "engine_vs_initial_weights_max": _r(log.engine_vs_reference_max)}, thresholds=gates)
     problems = _mismatch_problems(run, steps, gates)
     if problems:
-        _fail(arch, f"engine {run.engine!r} and trainer disagree on logprobs after weight updates",
+        arch.fail(f"engine {run.engine!r} and trainer disagree on logprobs after weight updates",
               problems[:4] + _diagnose(run, steps, gates))
 
 
@@ -184,7 +182,7 @@ def test_rl_kl_estimator(arch, record):
     _complete(arch, run)
     est = run.estimator
     if est.name not in rl.KL_DEFINITIONS:
-        _fail(arch, "unknown KL estimator", [f"{est.name!r} is not one of {sorted(rl.KL_DEFINITIONS)}"])
+        arch.fail("unknown KL estimator", [f"{est.name!r} is not one of {sorted(rl.KL_DEFINITIONS)}"])
     logp, ref = run.kl_samples
     want_fn, formula = rl.KL_DEFINITIONS[est.name]
     want = want_fn(logp, ref)
@@ -203,7 +201,7 @@ def test_rl_kl_estimator(arch, record):
         for what, value in variants.items():
             if float((got - value).abs().max()) / max(float(value.abs().max()), 1e-12) <= gate:
                 hints.append(f"it equals {est.name} with {what}" if "estimator" not in what else f"it equals {what}")
-        _fail(arch, f"the KL estimator named {est.name!r} does not compute its definition {formula}",
+        arch.fail(f"the KL estimator named {est.name!r} does not compute its definition {formula}",
               [f"max relative delta {rel:.3g} (gate: <= {gate:.3g}) over {logp.numel()} tokens; mean estimate "
                f"{float(got.mean()):.4g}, definition {float(want.mean()):.4g}", *hints])
 
@@ -239,7 +237,7 @@ def test_rl_reward(arch, record):
     if not problems and max(std) == 0.0:
         problems.append("the rollouts' rewards never vary within a group: all advantages are zero")
     if problems:
-        _fail(arch, f"the reward does not score the answer (gate: exact - best wrong >= {gap_gate:.3g})", problems)
+        arch.fail(f"the reward does not score the answer (gate: exact - best wrong >= {gap_gate:.3g})", problems)
 
 
 def test_rl_routing_consistency(arch, record):
@@ -264,7 +262,7 @@ def test_rl_routing_consistency(arch, record):
            thresholds={"routing_flip_rate": gate})
     if not max(per_layer) <= gate:
         worst = max(range(layers), key=lambda i: per_layer[i])
-        _fail(arch, f"routing differs between rollout ({run.engine}) and training for the same tokens", [
+        arch.fail(f"routing differs between rollout ({run.engine}) and training for the same tokens", [
             "flip rate per MoE layer: " + ", ".join(f"layer {i}: {r:.3g}" for i, r in enumerate(per_layer))
             + f" (gate: <= {gate:.3g}) over {tokens} tokens",
             f"worst MoE layer {worst}: {sum(s[worst] for s in log.routing_flips)} of {tokens} tokens routed to "
@@ -294,5 +292,5 @@ def test_rl_vllm(arch, record):
     if bad:
         problems.append(f"KL or loss not finite: kl {log.kl}, loss {log.loss}")
     if problems:
-        _fail(arch, "vLLM and trainer disagree during RL", problems + _diagnose(run, list(range(len(log.kl))), gates))
+        arch.fail("vLLM and trainer disagree during RL", problems + _diagnose(run, list(range(len(log.kl))), gates))
 

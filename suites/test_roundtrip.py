@@ -28,8 +28,6 @@ from moe_conformance.convert import StackExperts
 EXPERT_MATCH_RELATIVE = 1e-4
 
 
-def _fail(arch, what, problems):
-    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems), pytrace=False)
 
 
 def _cand_state(model):
@@ -43,7 +41,7 @@ def test_hf_to_candidate_to_hf_bit_exact(arch, record):
     record(figures={"checkpoint_tensors": len(disk), "candidate_tensors": len(cand.state_dict())})
     problems = state_diff(disk, back)
     if problems:
-        _fail(arch, "HF file -> candidate -> HF is not the original file", problems)
+        arch.fail("HF file -> candidate -> HF is not the original file", problems)
 
 
 def test_candidate_to_hf_to_candidate_bit_exact(arch, record):
@@ -55,7 +53,7 @@ def test_candidate_to_hf_to_candidate_bit_exact(arch, record):
     record(figures={"candidate_tensors": len(native)})
     problems = state_diff(native, back)
     if problems:
-        _fail(arch, "candidate -> HF -> candidate is not the original candidate state", problems)
+        arch.fail("candidate -> HF -> candidate is not the original candidate state", problems)
 
 
 def test_candidate_expert_layout(arch, record):
@@ -65,7 +63,7 @@ def test_candidate_expert_layout(arch, record):
     problems = expert_layout_problems(arch.spec.converter, arch.disk_state, _cand_state(arch.candidate()))
     record(figures={"layout_problems": len(problems)})
     if problems:
-        _fail(arch, "the candidate's stacked experts do not hold the file's experts in order", problems)
+        arch.fail("the candidate's stacked experts do not hold the file's experts in order", problems)
 
 
 def _misread_references(arch, tmp_path):
@@ -115,7 +113,7 @@ def test_expert_functions_match_file(arch, record, tmp_path):
                             f"{pair.cand} expert {e} matches no expert of the file (relative max|delta| {float(delta[e]):.3g})")
     record(figures={"expert_max_relative_delta": worst}, thresholds={"expert_max_relative_delta": EXPERT_MATCH_RELATIVE})
     if problems:
-        _fail(arch, "candidate experts do not compute the file's experts", problems[:8])
+        arch.fail("candidate experts do not compute the file's experts", problems[:8])
 
 
 def test_converted_checkpoint_reloads_into_reference(arch, record, tmp_path):
@@ -150,7 +148,7 @@ def test_bf16_checkpoint_keeps_dtypes(arch, record, tmp_path):
     record(figures={"fp32_tensors_in_bf16_checkpoint": len(fp32_kept)})
     problems = state_diff(disk, back)
     if problems:
-        _fail(arch, "bf16 checkpoint -> bf16 candidate -> HF changed dtypes or bits", problems)
+        arch.fail("bf16 checkpoint -> bf16 candidate -> HF changed dtypes or bits", problems)
 
 
 def test_transformers_save_naming(arch, record, tmp_path):

@@ -48,9 +48,6 @@ def _prepared(arch) -> dict:
     return _CACHE[arch]
 
 
-def _fail(arch, what: str, problems: list[str]):
-    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""),
-                pytrace=False)
 
 
 def _backward(arch, model, reference: bool, routers: list[str]):
@@ -92,7 +89,7 @@ def test_router_weights_get_gradient(arch, record):
                 norms.append(float(p.grad.norm()))
     record(figures={"lm_loss": loss, "router_grad_norm_min": min(norms) if norms else 0.0})
     if problems:
-        _fail(arch, "router weights get no usable gradient from the language-modelling loss "
+        arch.fail("router weights get no usable gradient from the language-modelling loss "
                     "(a router detached from the loss never learns to route)", problems)
 
 
@@ -124,7 +121,7 @@ def test_expert_gradients_follow_routing(arch, routing, record):
     modules = dict(cand.named_modules())
     experts = training.expert_names(arch, "cand", cand)
     if len(experts) != len(tap.modules):
-        _fail(arch, "the converter's router and experts module pairs do not match up layer by layer",
+        arch.fail("the converter's router and experts module pairs do not match up layer by layer",
               [f"routers {list(tap.modules)}", f"experts {experts}"])
     problems, routed, empty = [], 0, 0
     for router, expert_mod, idx in zip(tap.modules, experts, tap.indices):
@@ -147,7 +144,7 @@ def test_expert_gradients_follow_routing(arch, routing, record):
     if routing == "forced" and empty == 0:
         problems.append(f"forcing routing onto experts {chosen} left no expert empty: force_route had no effect")
     if problems:
-        _fail(arch, f"expert gradients do not follow the routing ({routing})", problems)
+        arch.fail(f"expert gradients do not follow the routing ({routing})", problems)
 
 
 def test_shared_experts_get_gradient(arch, record):
@@ -160,7 +157,7 @@ def test_shared_experts_get_gradient(arch, record):
     shared = [k for k, disk in prep["disk_names"].items() if disk and all(training.group_of(d) == "shared" for d in disk)]
     record(figures={"shared_tensors": len(shared)})
     if not shared:
-        _fail(arch, "capabilities say shared experts, but no candidate tensor converts to a shared-expert key", [])
+        arch.fail("capabilities say shared experts, but no candidate tensor converts to a shared-expert key", [])
     problems = []
     for k in shared:
         if k not in params:
@@ -170,7 +167,7 @@ def test_shared_experts_get_gradient(arch, record):
         if found:
             problems.append(found)
     if problems:
-        _fail(arch, "shared expert parameters get no gradient: the shared expert does not train", problems)
+        arch.fail("shared expert parameters get no gradient: the shared expert does not train", problems)
 
 
 def test_correction_bias_gets_no_gradient(arch, record):
@@ -180,7 +177,7 @@ def test_correction_bias_gets_no_gradient(arch, record):
     names = _bias_names(arch)
     record(figures={"bias_tensors": len(names)})
     if not names:
-        _fail(arch, "capabilities say correction bias, but no candidate tensor converts to the reference routers' "
+        arch.fail("capabilities say correction bias, but no candidate tensor converts to the reference routers' "
                     f"bias keys {sorted(prep['bias_keys'])[:2]}", [])
     cand = arch.candidate().train()
     _backward(arch, cand, False, prep["cand_routers"])
@@ -194,7 +191,7 @@ def test_correction_bias_gets_no_gradient(arch, record):
             problems.append(f"{n}: is a trainable parameter (requires_grad=True): an optimizer would update it "
                             "(weight decay, gradient); it belongs in a buffer moved only by the balancing update")
     if problems:
-        _fail(arch, "the correction bias receives gradient", problems)
+        arch.fail("the correction bias receives gradient", problems)
 
 
 def test_gradient_parity(arch, record):
@@ -213,7 +210,7 @@ def test_gradient_parity(arch, record):
         key, rel = result.worst[group]
         problems.append(f"{v}: worst tensor {key}")
     if problems:
-        _fail(arch, "candidate gradients (converted to the on-disk naming) differ from the reference's", problems)
+        arch.fail("candidate gradients (converted to the on-disk naming) differ from the reference's", problems)
 
 
 # ---- load balancing
@@ -297,7 +294,7 @@ def test_aux_loss(arch, record):
         if _rel(cand_aux, with_padding) <= gate < _rel(cand_aux, want):
             hints.append(f"the candidate's aux loss equals the formula over all {batch.valid.numel()} rows "
                          f"({with_padding:.6g}), not over the {int(batch.valid.sum())} real tokens: it counts padding tokens")
-        _fail(arch, f"aux loss: candidate {cand_aux:.6g}, formula {want:.6g}"
+        arch.fail(f"aux loss: candidate {cand_aux:.6g}, formula {want:.6g}"
                     + (f", reference {float(ref_aux):.6g}" if ref_aux is not None else ""), problems + hints)
 
 
@@ -322,7 +319,7 @@ def test_z_loss(arch, record):
         probs = _looks_like_probabilities(cand_logits, ref_logits)
         if probs:
             hints.append(f"the candidate's router_logits equal {probs}(reference router logits): probabilities, not logits")
-        _fail(arch, f"z-loss {cand_z:.6g} does not match its definition mean(logsumexp(router_logits)^2) = {want:.6g}",
+        arch.fail(f"z-loss {cand_z:.6g} does not match its definition mean(logsumexp(router_logits)^2) = {want:.6g}",
               [f"z_rel_delta = {rel:.3g} (gate: <= {gate:.3g})"] + hints)
 
 
@@ -343,7 +340,7 @@ def test_aux_loss_free_balancing(arch, record):
     cand = arch.candidate().train()
     found = training.selection_biases(cand, prep["cand_routers"], E)
     if any(f is None for f in found):
-        _fail(arch, "a router has no selection bias tensor of shape [E] (on the router or its MoE block)",
+        arch.fail("a router has no selection bias tensor of shape [E] (on the router or its MoE block)",
               [r for r, f in zip(prep["cand_routers"], found) if f is None])
     biases = [f[1] for f in found]
     tap = training.RouterTap(cand, prep["cand_routers"])
@@ -367,4 +364,4 @@ def test_aux_loss_free_balancing(arch, record):
         problems.append(f"load imbalance went from {imbalance[0]:.3g} to {imbalance[-1]:.3g} over {BALANCE_STEPS} bias "
                         f"updates (ratio {ratio:.3g}, gate: <= {gate:.3g}): the bias update does not move load toward balance")
     if problems:
-        _fail(arch, "aux-loss-free balancing", sorted(set(problems)))
+        arch.fail("aux-loss-free balancing", sorted(set(problems)))

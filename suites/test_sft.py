@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import weakref
 
-import pytest
 import torch
 
 from moe_conformance import data, tokenizer, tolerances, training
@@ -42,14 +41,12 @@ def _profile(arch):
     return tolerances.profile("sft", "float32", arch.spec.tolerances)
 
 
-def _fail(arch, what: str, problems: list[str]):
-    pytest.fail(f"{arch.id}: {what}:\n  " + "\n  ".join(problems[:10]), pytrace=False)
 
 
 def _complete(arch, run: training.SFTRun) -> None:
     for side, log in (("candidate", run.candidate), ("reference", run.reference)):
         if log.error:
-            _fail(arch, f"the {side} training run crashed", [log.error])
+            arch.fail(f"the {side} training run crashed", [log.error])
 
 
 def _round(values: list[float]) -> list[float]:
@@ -66,7 +63,7 @@ def test_sft_finite(arch, record):
     bad = [f"step {s}: loss {l:.4g}, grad norm {g:.4g}" for s, (l, g) in enumerate(zip(log.total, log.grad_norm))
            if not (math.isfinite(l) and math.isfinite(g))]
     if bad:
-        _fail(arch, "loss or grad norm not finite", bad)
+        arch.fail("loss or grad norm not finite", bad)
 
 
 def test_sft_loss_falls(arch, record):
@@ -79,7 +76,7 @@ def test_sft_loss_falls(arch, record):
     record(figures={"loss_ratio": ratio, "loss_initial": cand[0], "loss_final": sum(cand[-FINAL_WINDOW:]) / FINAL_WINDOW,
                     "reference_loss_ratio": ref_ratio, "steps": len(cand)}, thresholds={"loss_ratio": gate})
     if not ratio <= gate:
-        _fail(arch, f"the loss did not fall: mean of the last {FINAL_WINDOW} steps / step 0 = {ratio:.3g} (gate: <= {gate:.3g}; "
+        arch.fail(f"the loss did not fall: mean of the last {FINAL_WINDOW} steps / step 0 = {ratio:.3g} (gate: <= {gate:.3g}; "
                     f"reference {ref_ratio:.3g})", [f"candidate losses: {_round(cand)}"])
 
 
@@ -111,7 +108,7 @@ def test_sft_matches_reference(arch, record):
         if run.not_in_optimizer:
             problems.append(f"the candidate's optimizer lacks {len(run.not_in_optimizer)} parameter(s): "
                             f"{', '.join(run.not_in_optimizer[:4])}")
-        _fail(arch, "candidate and reference loss curves disagree", problems)
+        arch.fail("candidate and reference loss curves disagree", problems)
 
 
 def test_sft_lr_schedule(arch, record):
@@ -130,7 +127,7 @@ def test_sft_lr_schedule(arch, record):
         hint = (f"off by a constant factor {ratios.pop():.4g} at every step" if len(ratios) == 1
                 else f"ratio to the schedule varies from {min(g / w for g, w in zip(got, want)):.3g} to "
                      f"{max(g / w for g, w in zip(got, want)):.3g}")
-        _fail(arch, "the learning-rate schedule is wrong", [
+        arch.fail("the learning-rate schedule is wrong", [
             f"step {s}: LR {got[s]:.6g}, the schedule (warmup {cfg.warmup} to {cfg.lr:g}, cosine to "
             f"{cfg.min_lr_ratio * cfg.lr:g} at step {cfg.steps - 1}) says {want[s]:.6g}: {hint}"])
 
@@ -155,7 +152,7 @@ def test_sft_all_parameters_train(arch, record):
     record(figures={"parameters": sum(1 for _ in cand.parameters()), "not_in_optimizer": len(run.not_in_optimizer),
                     "frozen": len(frozen), "unchanged": len(unchanged)})
     if problems:
-        _fail(arch, "not every candidate parameter trains", problems)
+        arch.fail("not every candidate parameter trains", problems)
 
 
 def healthy_ranges(arch) -> dict[str, tuple[float, float]]:
@@ -202,7 +199,7 @@ def test_sft_router_health(arch, record):
     figures["curves"] = {"title": f"{arch.id}: router health during SFT (worst MoE layer)", "panels": panels}
     record(figures=figures, thresholds={f"{m}_range": list(r) for m, r in ranges.items()})
     if problems:
-        _fail(arch, "router health", problems)
+        arch.fail("router health", problems)
 
 
 def test_sft_checkpoint_reloads(arch, record, tmp_path):
@@ -237,4 +234,4 @@ def test_sft_checkpoint_reloads(arch, record, tmp_path):
         problems.append(f"the reference loaded from the trained checkpoint differs from the trained candidate by up to "
                         f"{ref_delta:.3g} (gate: <= {gate:.3g})")
     if problems:
-        _fail(arch, "the trained checkpoint does not reload faithfully", problems)
+        arch.fail("the trained checkpoint does not reload faithfully", problems)

@@ -220,6 +220,23 @@ def _extra_key(conv):
     return WrappedConverter(conv, to_hf=to_hf)
 
 
+# ---- inert tiny configs (what the tiny_config suite exists to refuse)
+
+
+def _faithful_with(spec, exercises=None, gains=None, **config_changes):
+    """The arch's faithful variant with config fields changed, other claims or init gains."""
+    base = spec.variant("faithful")
+
+    def config():
+        cfg = base.config()
+        for name, value in config_changes.items():
+            setattr(cfg, name, value)
+        return cfg
+
+    variant = dataclasses.replace(base, config=config, exercises=frozenset(exercises or base.exercises))
+    return spec.replace(variants=(variant,), init_gains={**spec.init_gains, **(gains or {})})
+
+
 # bug name -> (built-in arch, how the spec is broken)
 BUGS = {
     "gate_up_swapped": ("glm4_moe", lambda s: s.replace(converter=_gate_up_swapped(s.converter))),
@@ -247,6 +264,14 @@ BUGS = {
     "shared_gate_sigmoid_dropped": ("qwen2_moe", lambda s: s.replace(candidate=_patched(s, _shared_gate_without_sigmoid))),
     "qk_norm_skipped": ("qwen3_moe", lambda s: s.replace(candidate=_patched(s, _qk_norm_skipped))),
     "softmax_norm_topk_flipped": ("qwen3_moe", lambda s: s.replace(candidate=_native(s, lambda hf: {"norm_topk_prob": not hf.norm_topk_prob}))),
+    # inert tiny configs
+    "sizes_clash": ("glm4_moe", lambda s: _faithful_with(s, intermediate_size=64)),
+    "topk_all_experts": ("glm4_moe", lambda s: _faithful_with(s, num_experts_per_tok=12)),
+    "flat_logits": ("glm4_moe", lambda s: _faithful_with(s, gains={"lm_head.weight": 0.01})),
+    "router_constant": ("glm4_moe", lambda s: _faithful_with(s, gains={"mlp.gate.weight": 0.0,
+                                                                       "e_score_correction_bias": 0.0})),
+    "claimed_feature_inert": ("glm4_moe", lambda s: _faithful_with(s, exercises=s.variant("faithful").exercises
+                                                                   | {"group_limit"})),
     "yarn_mscale_all_dim_ignored": ("deepseek_v3", lambda s: s.replace(candidate=_native(
         s, lambda hf: {"yarn": dataclasses.replace(_yarn(hf), mscale_all_dim=None)}))),
 }
