@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "rl_noise_floor.md"
 
 def measure(case) -> dict[str, float]:
     out = {}
-    state = case.spec.converter.to_candidate(case.disk_state)
+    state = case.to_candidate(case.disk_state)
     seqs = engines.parity_sequences(case)
     trainer = engines.trainer_prompt_logprobs(case.candidate(), seqs)
     for name, factory in (("cand", engines.CandidateEngine), ("tf", engines.TransformersEngine)):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .contract import convert
 from .spec import ArchSpec
 from .tiny import adversarial_init_, make_batches
 
@@ -110,11 +111,19 @@ class ArchCase:
         with tempfile.TemporaryDirectory() as tmp:
             return read_checkpoint(self.save_reference(Path(tmp)))
 
+    # ---- conversion: the converter gets the case's config and copies (a converter that
+    # mutates its input must not corrupt the cached checkpoint other checks read)
+    def to_candidate(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert(self.spec.converter.to_candidate, _copied(hf_state), self.config)
+
+    def to_hf(self, cand_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert(self.spec.converter.to_hf, _copied(cand_state), self.config)
+
     def candidate(self, state: dict[str, torch.Tensor] | None = None):
         """A fresh candidate loaded (strictly) with the converted on-disk checkpoint."""
         torch.manual_seed(self.case_seed)
         model = self.spec.candidate(copy.deepcopy(self.config))
-        cand_state = state if state is not None else self.spec.converter.to_candidate(self.disk_state)
+        cand_state = state if state is not None else self.to_candidate(self.disk_state)
         model.load_state_dict(cand_state, strict=True)
         return model.to(self.device).eval()
 
@@ -135,6 +144,10 @@ class ArchCase:
 
         more = f"\n  ... {len(problems) - limit} more" if len(problems) > limit else ""
         pytest.fail(f"{self.id}: {what}:\n  " + "\n  ".join(problems[:limit]) + more, pytrace=False)
+
+
+def _copied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _to(batch, device):

@@ -111,3 +111,18 @@ def expert_outputs(experts: torch.nn.Module, x_TH: torch.Tensor, num_experts: in
     return torch.stack([
         experts(x_TH, torch.full((T, 1), e, dtype=torch.long, device=x_TH.device), weights) for e in range(num_experts)
     ])
+
+
+def reference_fp32_rules(model_class) -> dict[str, list[str]]:
+    """What a transformers class says it keeps in fp32 when loaded in low precision: the module
+    name fragments of ``_keep_in_fp32_modules`` (fp16 loads) and ``_keep_in_fp32_modules_strict``
+    (fp16 and bf16), as this installed release defines them."""
+    return {attr: sorted(getattr(model_class, attr, None) or [])
+            for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")}
+
+
+def fp32_module_suffixes(keys: list[str]) -> list[str]:
+    """The distinct trailing names (``gate.weight``, ``e_score_correction_bias``) of fp32 keys,
+    for a report line that reads the same for every layer count."""
+    return sorted({".".join(k.split(".")[-2:]) if k.endswith((".weight", ".bias")) else k.rsplit(".", 1)[-1]
+                   for k in keys})

@@ -198,7 +198,7 @@ def _export(case, state: dict[str, torch.Tensor], folder: Path) -> Path:
     source = folder.parent / "_source"
     if not (source / "config.json").exists():
         case.save_reference(source)
-    write_checkpoint(folder, case.spec.converter.to_hf({k: v.detach().clone() for k, v in state.items()}), source)
+    write_checkpoint(folder, case.to_hf(state), source)
     tokenizer.copy_to(folder)
     return folder
 

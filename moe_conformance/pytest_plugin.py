@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from . import registry, report
+from . import registry, report, support
 from .paths import suites_dir
 from .spec import describe
 
@@ -111,6 +111,7 @@ class Conformance:
             f"moe-conformance: torch {versions['torch']}, transformers {versions['transformers']}, "
             f"triton {versions['triton']}; device {self.device}; seed {self.seed}; reports -> {self.report_dir}"
         ]
+        lines += [f"moe-conformance WARNING: {w}" for w in support.warnings()]
         for name, entry in self.entries.items():
             spec = self._spec(name)
             if spec is None:

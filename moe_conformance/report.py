@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from . import support
+
 SCHEMA_VERSION = 1
 STATUSES = ("passed", "failed", "error", "skipped", "xfailed")
 
@@ -40,6 +42,8 @@ def environment(device: str, seed: int) -> dict[str, Any]:
         "device": device,
         "seed": seed,
         "versions": package_versions(),
+        "tested_range": {"transformers": list(support.TESTED_TRANSFORMERS), "torch": list(support.TESTED_TORCH)},
+        "warnings": support.warnings(),
     }
 
 
@@ -99,6 +103,7 @@ def markdown(report: dict[str, Any], plots: dict[str, Path] | None = None, base:
         f"reference `{report['reference']}` vs candidate `{report['candidate']}`  ",
         f"torch {env.get('torch')}, transformers {env.get('transformers')}, triton {env.get('triton')}, "
         f"device {report['environment']['device']}, seed {report['environment']['seed']}",
+        *[f"\n**Warning:** {w}" for w in report["environment"].get("warnings", [])],
         "",
         "| family | " + " | ".join(STATUSES) + " |",
         "|---|" + "---|" * len(STATUSES),

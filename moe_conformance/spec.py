@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contract import Decoding, Probes, default_cast
+
 # Features a variant can claim to exercise. The tiny_config suite proves each claim on the test
 # inputs (moe_conformance.features holds one probe per name), so a planted bug on a claimed
 # feature cannot hide behind an inert config.
@@ -79,6 +81,9 @@ class ExpectedFailure:
     reason: str
     variants: tuple[str, ...] = ()  # empty: every variant
     id_contains: tuple[str, ...] = ()  # e.g. ("packed",): only parametrizations whose id has these
+    # a PEP 440 specifier on the installed transformers (e.g. ">=5.24"): the divergence exists in
+    # those releases only; empty: in every release
+    transformers: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,17 @@ class ArchSpec:
     # The team's RL pieces checked by the rl and engine_parity suites (a moe_conformance.rl.RLHooks:
     # inference engine factory, reward, KL estimator); None: the project's own.
     rl: Any = None
+    # The candidate's internals, declared (moe_conformance.contract): module pairs, how to read
+    # and force its routers, how to call its experts.
+    probes: Probes = field(default_factory=Probes)
+    # Incremental decoding through the candidate's own cache (contract.Decoding); None: the
+    # engines run full forwards.
+    decoding: Decoding | None = None
+    # (model, dtype, keep_fp32: candidate tensor names) -> model in that dtype
+    cast: Callable[..., Any] = default_cast
+    # () -> the released model's full-size config (no weights): the dry_run family builds the
+    # reference and the candidate from it on the meta device and runs the converters on it.
+    released: Callable[[], Any] | None = None
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -117,9 +133,11 @@ class ArchSpec:
         raise KeyError(f"arch {self.name!r} has no variant {name!r} (known: {known})")
 
     def expected_failure(self, check: str, family: str, variant: str, test_id: str = "") -> ExpectedFailure | None:
+        from .support import version_matches
+
         for xf in self.expected_failures:
             if (xf.check in (check, family) and (not xf.variants or variant in xf.variants)
-                    and all(part in test_id for part in xf.id_contains)):
+                    and all(part in test_id for part in xf.id_contains) and version_matches(xf.transformers)):
                 return xf
         return None
 
@@ -185,4 +203,12 @@ def validate(spec: Any, origin: str) -> ArchSpec:
     for xf in spec.expected_failures:
         if not isinstance(xf, ExpectedFailure) or not xf.reason.strip():
             raise fail("expected_failures", "entries must be ExpectedFailure with a non-empty reason")
+        if xf.transformers:
+            from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+            try:
+                SpecifierSet(xf.transformers)
+            except InvalidSpecifier:
+                raise fail("expected_failures", f"transformers={xf.transformers!r} is not a version specifier "
+                                                "such as '>=5.24' or '>=5.20,<5.23'") from None
     return spec

@@ -343,7 +343,7 @@ def reference_disk_grads(case, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def candidate_disk_grads(case, cand: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return case.spec.converter.to_hf(_grads(cand))
+    return case.to_hf(_grads(cand))
 
 
 @dataclass

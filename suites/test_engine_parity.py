@@ -78,7 +78,7 @@ def _check(arch, record, engine_name: str, engine):
 def test_engine_parity(arch, record, engine_name):
     """The arch's RL engine (default: the candidate with a KV cache) and the transformers engine
     against the trainer's forward."""
-    state = arch.spec.converter.to_candidate(arch.disk_state)
+    state = arch.to_candidate(arch.disk_state)
     factory = rl.hooks_for(arch.spec).engine if engine_name == "candidate" else engines.TransformersEngine
     engine = factory(arch, state)
     try:
@@ -94,7 +94,7 @@ def test_engine_parity_vllm(arch, record):
     if why:
         record(figures={"engine": "vllm", "skipped_because": why})
         pytest.skip(f"vLLM not run for {arch.id}: {why}")
-    state = arch.spec.converter.to_candidate(arch.disk_state)
+    state = arch.to_candidate(arch.disk_state)
     engine = engines.VLLMEngine(arch, state)
     try:
         _check(arch, record, "vllm", engine)

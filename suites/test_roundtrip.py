@@ -16,7 +16,9 @@ from moe_conformance.case import read_checkpoint
 from moe_conformance.checkpoint import (
     expert_layout_problems,
     expert_outputs,
+    fp32_module_suffixes,
     load_reference,
+    reference_fp32_rules,
     state_diff,
     write_checkpoint,
 )
@@ -37,7 +39,7 @@ def _cand_state(model):
 def test_hf_to_candidate_to_hf_bit_exact(arch, record):
     disk = arch.disk_state
     cand = arch.candidate()  # strict load of to_candidate(disk)
-    back = arch.spec.converter.to_hf(_cand_state(cand))
+    back = arch.to_hf(_cand_state(cand))
     record(figures={"checkpoint_tensors": len(disk), "candidate_tensors": len(cand.state_dict())})
     problems = state_diff(disk, back)
     if problems:
@@ -49,7 +51,7 @@ def test_candidate_to_hf_to_candidate_bit_exact(arch, record):
     # tensor distinctly so nothing can pass by coinciding with the file.
     gen = torch.Generator().manual_seed(arch.case_seed)
     native = {k: v + torch.randn(v.shape, generator=gen).to(v.dtype) * 1e-3 for k, v in _cand_state(arch.candidate()).items()}
-    back = arch.spec.converter.to_candidate(arch.spec.converter.to_hf(native))
+    back = arch.to_candidate(arch.to_hf(native))
     record(figures={"candidate_tensors": len(native)})
     problems = state_diff(native, back)
     if problems:
@@ -120,7 +122,7 @@ def test_converted_checkpoint_reloads_into_reference(arch, record, tmp_path):
     """to_hf(candidate) written to disk loads into the reference with from_pretrained (no
     missing/unexpected keys) and reproduces the original logits exactly."""
     source = arch.save_reference(tmp_path / "original")
-    exported = arch.spec.converter.to_hf(_cand_state(arch.candidate()))
+    exported = arch.to_hf(_cand_state(arch.candidate()))
     folder = write_checkpoint(tmp_path / "converted", exported, source)
     prefix = getattr(arch.spec.converter, "disk_prefix", "")
     reloaded = load_reference(type(arch.reference()), folder, prefix).to(arch.device)
@@ -135,17 +137,24 @@ def test_converted_checkpoint_reloads_into_reference(arch, record, tmp_path):
 
 
 def test_bf16_checkpoint_keeps_dtypes(arch, record, tmp_path):
-    """A bf16 checkpoint (routing bias kept fp32 by transformers) survives the roundtrip through
-    a bf16 candidate with every dtype and bit intact."""
+    """A bf16 checkpoint written by the reference's own bf16 save_pretrained (which decides what
+    stays fp32: its _keep_in_fp32_modules(_strict), e.g. the routing bias, and on transformers
+    >= 5.24 the DeepSeek-V3/GLM router weight too) survives a bf16 candidate with every dtype
+    and bit intact. The candidate is put in bf16 by the plugin's ``cast`` with the tensors the
+    file keeps in fp32 named, so the same check is right on every transformers release."""
     source = arch.save_reference(tmp_path / "fp32")
-    bf16_ref = load_reference(type(arch.reference()), source, getattr(arch.spec.converter, "disk_prefix", ""),
-                              dtype=torch.bfloat16)
+    ref_class = type(arch.reference())
+    bf16_ref = load_reference(ref_class, source, getattr(arch.spec.converter, "disk_prefix", ""), dtype=torch.bfloat16)
     disk = read_checkpoint(arch.save_reference(tmp_path / "bf16", model=bf16_ref))
     fp32_kept = sorted(k for k, v in disk.items() if v.dtype == torch.float32)
-    cand = arch.spec.candidate(copy.deepcopy(arch.config)).to(torch.bfloat16)
-    cand.load_state_dict(arch.spec.converter.to_candidate(disk), strict=True)
-    back = arch.spec.converter.to_hf(_cand_state(cand))
-    record(figures={"fp32_tensors_in_bf16_checkpoint": len(fp32_kept)})
+    cand_state = arch.to_candidate(disk)
+    keep = frozenset(k for k, v in cand_state.items() if v.dtype == torch.float32)
+    cand = arch.spec.cast(arch.spec.candidate(copy.deepcopy(arch.config)), torch.bfloat16, keep)
+    cand.load_state_dict(cand_state, strict=True)
+    back = arch.to_hf(_cand_state(cand))
+    record(figures={"fp32_tensors_in_bf16_checkpoint": len(fp32_kept),
+                    "fp32_modules_in_bf16_checkpoint": fp32_module_suffixes(fp32_kept),
+                    "reference_fp32_rules": reference_fp32_rules(ref_class)})
     problems = state_diff(disk, back)
     if problems:
         arch.fail("bf16 checkpoint -> bf16 candidate -> HF changed dtypes or bits", problems)

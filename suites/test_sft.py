@@ -208,12 +208,12 @@ def test_sft_checkpoint_reloads(arch, record, tmp_path):
     run = _run(arch)
     _complete(arch, run)
     cand = run.cand_model
-    exported = arch.spec.converter.to_hf({k: v.detach().cpu().clone() for k, v in cand.state_dict().items()})
+    exported = arch.to_hf({k: v.detach().cpu().clone() for k, v in cand.state_dict().items()})
     source = arch.save_reference(tmp_path / "original")
     folder = write_checkpoint(tmp_path / "trained", exported, source)
     tokenizer.copy_to(folder)
     disk = read_checkpoint(folder)
-    reloaded_cand = arch.candidate(state=arch.spec.converter.to_candidate(disk))
+    reloaded_cand = arch.candidate(state=arch.to_candidate(disk))
     reloaded_ref = load_reference(type(arch.reference()), folder, getattr(arch.spec.converter, "disk_prefix", "")).to(arch.device)
     batch = data.lm_batch(tokenizer.load(), 4, arch.case_seed + 2).to(arch.device)
     valid = batch.valid

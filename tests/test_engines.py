@@ -31,7 +31,7 @@ def test_left_pad_positions_count_real_tokens():
 def test_candidate_and_transformers_engines_sample_alike(arch):
     torch.set_num_threads(1)
     case = _case(arch)
-    state = case.spec.converter.to_candidate(case.disk_state)
+    state = case.to_candidate(case.disk_state)
     tok = tokenizer.load()
     prompts = [rl.prompt_ids(tok, "ba ke"), rl.prompt_ids(tok, "lomi ta desu")]
     eos = tok.token_to_id("<eos>")
@@ -65,7 +65,7 @@ def test_vllm_unavailable_names_the_setup(monkeypatch):
 def test_vllm_engine_prompt_logprobs_and_generation():
     """One worker call (one engine start) answers both kinds of request."""
     case = _case("qwen3_moe")
-    state = case.spec.converter.to_candidate(case.disk_state)
+    state = case.to_candidate(case.disk_state)
     engine = engines.VLLMEngine(case, state)
     seqs = engines.parity_sequences(case, 2)
     try:
