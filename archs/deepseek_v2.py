@@ -10,8 +10,7 @@ experts.
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 # Sizes pairwise distinct: hidden 64, dense 96, expert 40, q_lora 48, kv_lora 32, nope 16, rope 8, v 24.
 # 12 experts in 4 groups, keep 2, top-3 (V2: 160 experts, 8 groups, keep 3, top-6).
@@ -29,7 +28,6 @@ ARCH = ArchSpec(
                 frozenset({"routed_scaling", "group_limit", "shared_experts", "norm_eps"})),
     ),
     reference=DeepseekV2ForCausalLM,
-    candidate=native_candidate(attention="mla", router_scoring="softmax", rope_interleave=True, group_score="max"),
-    converter=transformers_style("mla"),
+    **native(attention="mla", router_scoring="softmax", rope_interleave=True, group_score="max"),
     capabilities=Capabilities(router_scoring="softmax", attention="mla", group_limited_routing=True, shared_experts=True),
 )

@@ -9,8 +9,7 @@
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
             mscale=1.0, mscale_all_dim=1.0)
@@ -37,8 +36,7 @@ ARCH = ArchSpec(
                 frozenset(COMMON), "YaRN with mscale != mscale_all_dim (attention factor != 1)"),
     ),
     reference=DeepseekV3ForCausalLM,
-    candidate=native_candidate(attention="mla", router_scoring="sigmoid"),
-    converter=transformers_style("mla"),
+    **native(attention="mla", router_scoring="sigmoid"),
     capabilities=Capabilities(router_scoring="sigmoid", attention="mla", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
 )

@@ -10,8 +10,7 @@ Differs from DeepSeek-V3, its nearest relative:
 from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import deepseek_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 # Released GLM-4.5 settings, scaled down: sizes pairwise distinct (hidden 64, dense 96,
 # expert 40, head 32: a size vLLM runs), 12 experts top-3, routed scaling 2.5, first layer dense, untied head.
@@ -35,8 +34,7 @@ ARCH = ArchSpec(
                 frozenset(COMMON | {"group_limit"}), "group-limited routing, which the code supports"),
     ),
     reference=Glm4MoeForCausalLM,
-    candidate=native_candidate(attention="gqa", router_scoring="sigmoid"),
-    converter=deepseek_style("gqa"),
+    **native(attention="gqa", router_scoring="sigmoid"),
     capabilities=Capabilities(router_scoring="sigmoid", attention="gqa", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
 )

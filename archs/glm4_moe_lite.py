@@ -8,8 +8,7 @@ layers listed in ``mlp_layer_types``; routed scaling 1.8, norm eps 1e-5.
 from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 # Sizes pairwise distinct: hidden 64, dense 96, expert 40, q_lora 48, kv_lora 32, nope 16, rope 8, v 24.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_hidden_layers=3,
@@ -29,8 +28,7 @@ ARCH = ArchSpec(
                 frozenset(COMMON | {"group_limit"}), "group-limited routing, which the code supports"),
     ),
     reference=Glm4MoeLiteForCausalLM,
-    candidate=native_candidate(attention="mla", router_scoring="sigmoid"),
-    converter=transformers_style("mla"),
+    **native(attention="mla", router_scoring="sigmoid"),
     capabilities=Capabilities(router_scoring="sigmoid", attention="mla", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
 )

@@ -11,8 +11,7 @@ Differs from DeepSeek-V3:
 from transformers import DeepseekV3ForCausalLM, Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
 from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
-from moe_conformance.convert import deepseek_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 # Released K2.5 text settings, scaled down. Sizes pairwise distinct: hidden 64, dense 96,
 # expert 40, q_lora 48, kv_lora 32, nope 16, rope 8, v 24.
@@ -56,8 +55,7 @@ ARCH = ArchSpec(
                 "group-limited routing and YaRN with mscale != mscale_all_dim"),
     ),
     reference=text_reference,
-    candidate=native_candidate(attention="mla", router_scoring="sigmoid", sub_config="text_config"),
-    converter=deepseek_style("mla", disk_prefix="language_model."),
+    **native(attention="mla", router_scoring="sigmoid", sub_config="text_config", disk_prefix="language_model."),
     model_config=lambda config: config.text_config,
     native_save=Kimi_K25ForConditionalGeneration,
     capabilities=Capabilities(router_scoring="sigmoid", attention="mla", correction_bias=True,

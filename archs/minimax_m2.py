@@ -8,8 +8,8 @@ qk RMSNorm over all heads of a layer, partial rotary (``rotary_dim`` < head_dim)
 from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
-from moe_conformance.convert import MIXTRAL_NAMES, transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.convert import MIXTRAL_NAMES
+from moe_conformance.native import native
 
 # hidden 64, expert 40, head 32 (a size vLLM runs; rotary 16 = half, like the release's 64 of 128); 12 experts top-3.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, head_dim=32, rotary_dim=16,
@@ -23,8 +23,7 @@ ARCH = ArchSpec(
     variants=(Variant("faithful", lambda: MiniMaxM2Config(**TINY),
                       frozenset({"correction_bias", "bias_fp32", "qk_norm", "partial_rotary", "norm_eps"})),),
     reference=MiniMaxM2ForCausalLM,
-    candidate=native_candidate(attention="gqa", router_scoring="sigmoid", qk_norm="full", norm_topk_prob=True),
-    converter=transformers_style("gqa", moe="block_sparse_moe", experts=MIXTRAL_NAMES, correction_bias_at="block"),
+    **native(attention="gqa", router_scoring="sigmoid", qk_norm="full", norm_topk_prob=True, moe="block_sparse_moe", experts=MIXTRAL_NAMES, correction_bias_at="block"),
     capabilities=Capabilities(router_scoring="sigmoid", attention="gqa", correction_bias=True),
     expected_failures=(
         ExpectedFailure("test_bf16_checkpoint_keeps_dtypes",

@@ -9,8 +9,8 @@ GQA without biases; an optional sliding window; on disk the block is
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import MIXTRAL_NAMES, transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.convert import MIXTRAL_NAMES
+from moe_conformance.native import native
 
 # hidden 64, expert 40, head 32 (hidden / heads, a size vLLM runs); 8 experts top-2 as released.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
@@ -26,7 +26,6 @@ ARCH = ArchSpec(
                 "a sliding window (6) shorter than the test sequence (20)"),
     ),
     reference=MixtralForCausalLM,
-    candidate=native_candidate(attention="gqa", router_scoring="softmax", norm_topk_prob=True),
-    converter=transformers_style("gqa", moe="block_sparse_moe", experts=MIXTRAL_NAMES),
+    **native(attention="gqa", router_scoring="softmax", norm_topk_prob=True, moe="block_sparse_moe", experts=MIXTRAL_NAMES),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", aux_loss=True),
 )

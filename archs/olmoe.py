@@ -7,8 +7,7 @@ per head), no top-k renormalization (norm_topk_prob off), head_dim = hidden / he
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 # hidden 64, expert 40, head 32 (a size vLLM runs); 12 experts top-3.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
@@ -20,7 +19,6 @@ ARCH = ArchSpec(
     description=__doc__,
     variants=(Variant("faithful", lambda: OlmoeConfig(**TINY), frozenset({"qk_norm", "norm_topk_prob", "norm_eps"})),),
     reference=OlmoeForCausalLM,
-    candidate=native_candidate(attention="gqa", router_scoring="softmax", qk_norm="full"),
-    converter=transformers_style("gqa"),
+    **native(attention="gqa", router_scoring="softmax", qk_norm="full"),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", aux_loss=True),
 )

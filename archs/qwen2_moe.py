@@ -8,8 +8,7 @@ q/k/v biases, norm_topk_prob as configured (off in the release), dense layers vi
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 # hidden 64, dense 96, expert 40, shared 56, head 32 (a size vLLM runs); 10 experts top-3.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
@@ -27,7 +26,6 @@ ARCH = ArchSpec(
                 frozenset(COMMON), "norm_topk_prob on, and layer 0 dense through mlp_only_layers"),
     ),
     reference=Qwen2MoeForCausalLM,
-    candidate=native_candidate(attention="gqa", router_scoring="softmax", shared_expert_gate=True),
-    converter=transformers_style("gqa", shared="shared_expert", shared_gate="shared_expert_gate"),
+    **native(attention="gqa", router_scoring="softmax", shared_expert_gate=True, shared="shared_expert", shared_gate="shared_expert_gate"),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", shared_experts=True, aux_loss=True),
 )

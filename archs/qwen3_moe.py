@@ -7,8 +7,7 @@ head_dim different from hidden / heads, norm_topk_prob on in the release (off in
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
-from moe_conformance.convert import transformers_style
-from moe_conformance.modeling import native_candidate
+from moe_conformance.native import native
 
 # hidden 64, dense 96 (unused unless mlp_only_layers), expert 40, head 32 != 64 / 4 (vLLM runs
 # head sizes 32..512 in powers of two); 12 experts top-3.
@@ -26,7 +25,6 @@ ARCH = ArchSpec(
                 "norm_topk_prob off"),
     ),
     reference=Qwen3MoeForCausalLM,
-    candidate=native_candidate(attention="gqa", router_scoring="softmax", qk_norm="head"),
-    converter=transformers_style("gqa"),
+    **native(attention="gqa", router_scoring="softmax", qk_norm="head"),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", aux_loss=True),
 )

@@ -16,7 +16,7 @@ Results: $OUT (or --out) gets gpu_moe_layer.{md,json}, gpu_kernel_checks.{md,jso
     TRITON_INTERPRET=1 python benchmarks/gpu_moe_layer.py --smoke   # CPU dry run of the script
 
 Implementations timed:
-  triton      route + permute + experts + combine from moe_conformance/kernels/triton_moe.py
+  triton      route + permute + experts + combine from moe_conformance/native/kernels/triton_moe.py
               (block shapes picked per layer shape from a few presets, like an autotuner);
   grouped_mm  the "torch" backend: torch routing, argsort permutation, torch._grouped_mm;
   loop        eager-style bf16 loop over experts (index, 3 matmuls, index_add), transformers'
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from moe_conformance import kernels  # noqa: E402
-from moe_conformance.kernels.reference import experts_reference  # noqa: E402
+from moe_conformance.kernel_checks.reference import experts_reference  # noqa: E402
 
 LAYERS = {
     "qwen3-30b-a3b": dict(H=2048, I=768, E=128, K=8, bias=False,
@@ -281,7 +281,7 @@ def reference_with_grads(x, idx, w, w_gate, w_up, w_down, grad_out, candidates):
 
 
 def set_preset(name):
-    from moe_conformance.kernels import triton_moe
+    from moe_conformance.native.kernels import triton_moe
 
     rows, gate_up, wgrad = PRESETS[name]
     triton_moe.GPU_CONFIG, triton_moe.GPU_CONFIG_GATE_UP, triton_moe.GPU_CONFIG_WGRAD = rows, gate_up, wgrad
@@ -312,8 +312,8 @@ def bench_layer(layer: Layer, impl, device, reps, warmup):
 
 def run_checks(device, out_dir, results):
     """The kernel conformance checks natively on this device, and the Triton noise floor."""
-    from moe_conformance.kernels import checks
-    from moe_conformance.kernels.strategies import RoutingConfig
+    from moe_conformance.kernel_checks import checks
+    from moe_conformance.kernel_checks.strategies import RoutingConfig
 
     arch_routing = {
         "qwen3_moe-like": RoutingConfig("softmax", norm_topk_prob=True),
@@ -340,7 +340,7 @@ def run_checks(device, out_dir, results):
     floors = {}
     for key in list(checks.GATES):
         checks.GATES[key] = math.inf
-    from moe_conformance.kernels.strategies import ExpertsCase
+    from moe_conformance.kernel_checks.strategies import ExpertsCase
 
     shapes = [(7, 19, 13, 6, 3, "random"), (12, 24, 20, 8, 2, "some_empty"),
               (5, 32, 16, 9, 8, "random"), (9, 17, 11, 5, 1, "all_on_one")]

@@ -1,6 +1,6 @@
 """Measure the error floor of every kernel op per dtype against the fp64 references.
 
-Runs the checks of moe_conformance.kernels.checks with all gates lifted over several seeds
+Runs the checks of moe_conformance.kernel_checks.checks with all gates lifted over several seeds
 and shapes, and prints the worst scaled error (|got - fp64| / max|fp64|) per (op, dtype,
 backend). The gates in checks.py are a small multiple of these floors.
 
@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
 import torch  # noqa: E402
 
-from moe_conformance.kernels import checks  # noqa: E402
-from moe_conformance.kernels.strategies import ExpertsCase, RouteCase, RoutingConfig  # noqa: E402
+from moe_conformance.kernel_checks import checks  # noqa: E402
+from moe_conformance.kernel_checks.strategies import ExpertsCase, RouteCase, RoutingConfig  # noqa: E402
 
 
 def cases(n_seeds: int):

@@ -4,7 +4,9 @@ Importing this package is cheap (no torch): the pytest plugin imports it at star
 Arch plugins declare an ``ArchSpec``; see archs/ for examples.
 """
 
+from .contract import Decoding, ExpertsProbe, ModulePair, Probes, RouterProbe, RouterReading
 from .spec import ArchSpec, Capabilities, ExpectedFailure, SpecError, Variant
 
-__all__ = ["ArchSpec", "Capabilities", "ExpectedFailure", "SpecError", "Variant"]
+__all__ = ["ArchSpec", "Capabilities", "Decoding", "ExpectedFailure", "ExpertsProbe", "ModulePair", "Probes",
+           "RouterProbe", "RouterReading", "SpecError", "Variant"]
 __version__ = "0.1.0"

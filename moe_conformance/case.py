@@ -45,6 +45,7 @@ class ArchCase:
         self.device = torch.device(device)
         salt = f"/{self.variant.seed}" if self.variant.seed else ""
         self.case_seed = zlib.crc32(f"{seed}/{spec.name}/{variant}{salt}".encode())
+        self._routing_fields: frozenset[str] | None = None
 
     @property
     def id(self) -> str:
@@ -135,8 +136,33 @@ class ArchCase:
             for name, batch in make_batches(self.model_config.vocab_size, self.case_seed).items()
         }
 
-    def module_pairs(self):
-        return self.spec.converter.module_pairs(self.num_layers)
+    def module_pairs(self) -> list:
+        """The declared (reference, candidate) module pairs, one per layer where they have {i}
+        (wave-1 plugins declared them on the converter: still read there)."""
+        from .convert import expand_pairs
+
+        if self.spec.probes.pairs:
+            return expand_pairs(self.spec.probes.pairs, self.num_layers)
+        legacy = getattr(self.spec.converter, "module_pairs", None)
+        return list(legacy(self.num_layers)) if callable(legacy) else []
+
+    def routing_fields(self) -> frozenset[str]:
+        """Which RouterReading fields the candidate's probes give on every MoE layer (one eval
+        forward on the plain inputs; empty when they give nothing or fail)."""
+        if self._routing_fields is None:
+            from .probing import RoutingTap
+
+            found: set[str] = set()
+            try:
+                model = self.candidate()
+                tap = RoutingTap(model, self, "cand")
+                with torch.no_grad(), tap():
+                    model(**self.batches["plain"].kwargs)
+                found = {f for f in ("indices", "weights", "logits", "scores") if tap.has(f)}
+            except Exception:  # noqa: BLE001 - the contract family reports why
+                found = set()
+            self._routing_fields = frozenset(found)
+        return self._routing_fields
 
     def fail(self, what: str, problems: list[str], limit: int = 10):
         """Fail the running check with one line per problem, naming this case."""

@@ -1,22 +1,22 @@
 """Comparing reference and candidate: logit metrics, localization of the first diverging
 submodule, and the routing-pinned diagnostic.
 
-Localization hooks every (reference, candidate) submodule pair the converter declares, runs
-both models once, and walks the pairs in the reference's execution order: the first pair whose
+Localization hooks every (reference, candidate) submodule pair the plugin declares, runs both
+models once, and walks the pairs in the reference's execution order: the first pair whose
 outputs differ beyond the localization threshold is named, with its figures. Routers are read
-as ``(router_logits, topk_weights, topk_indices)``, the protocol transformers' routers and the
-native candidate share; a flip in the chosen experts is reported as such.
+through each side's probes (moe_conformance.probing); a flip in the chosen experts is reported
+as such.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from .case import logits_of
-from .convert import ModulePair
+from .contract import ModulePair, ProbeError, RouterReading
 from .tiny import Batch
 
 # A submodule "diverges" when max|delta| exceeds this fraction of the reference output's
@@ -126,17 +126,18 @@ class Divergence:
     figures: dict[str, float] = field(default_factory=dict)
 
 
-def _compare_router(pair: ModulePair, ref_out, cand_out, valid) -> Divergence | None:
-    try:
-        _, ref_w, ref_i = (_token_rows(t, valid) for t in ref_out)
-        _, cand_w, cand_i = (_token_rows(t, valid) for t in cand_out)
-    except (TypeError, ValueError):
-        return Divergence(pair, "router outputs are not (router_logits, topk_weights, topk_indices)")
+def compare_readings(pair: ModulePair, ref: RouterReading, cand: RouterReading, valid) -> Divergence | None:
+    """Two routing decisions for the same tokens: the expert sets first, then the weights."""
+    if cand.indices is None or cand.weights is None:
+        return Divergence(pair, "the candidate's probes give no expert indices/weights for this layer")
+    ref_w, ref_i = (_token_rows(t, valid) for t in (ref.weights, ref.indices))
+    cand_w, cand_i = (_token_rows(t, valid) for t in (cand.weights, cand.indices))
     if ref_i.shape != cand_i.shape:
-        return Divergence(pair, f"router picks {cand_i.shape[-1]} experts per token, reference {ref_i.shape[-1]}")
+        return Divergence(pair, f"router picks {cand_i.shape[-1]} experts per token for {cand_i.shape[0]} tokens, "
+                                f"reference {ref_i.shape[-1]} for {ref_i.shape[0]}")
     ref_sorted, order_r = ref_i.sort(-1)
     cand_sorted, order_c = cand_i.sort(-1)
-    flips = (ref_sorted != cand_sorted).any(-1)
+    flips = (ref_sorted != cand_sorted.to(ref_sorted)).any(-1)
     if flips.any():
         t = int(flips.nonzero()[0, 0])
         return Divergence(
@@ -146,7 +147,7 @@ def _compare_router(pair: ModulePair, ref_out, cand_out, valid) -> Divergence | 
             {"routing_flips": int(flips.sum())},
         )
     w_ref = ref_w.double().gather(-1, order_r)
-    w_cand = cand_w.double().gather(-1, order_c)
+    w_cand = cand_w.double().gather(-1, order_c.to(cand_w.device))
     delta = (w_ref - w_cand).abs().max()
     if delta > LOCALIZE_RELATIVE * w_ref.abs().max():
         t = int((w_ref - w_cand).abs().amax(-1).argmax())
@@ -180,63 +181,95 @@ def _compare_hidden(pair: ModulePair, ref_out, cand_out, valid) -> Divergence | 
     return None
 
 
-def localize(ref_model, cand_model, batch: Batch, pairs: list[ModulePair]) -> Divergence | None:
-    """The first (in the reference's execution order) submodule pair that diverges."""
+def _taps(case, ref_model, cand_model):
+    """Routing taps on both sides, or None for a side whose probes cannot be set up."""
+    from .probing import RoutingTap
+
+    out = []
+    for model, side in ((ref_model, "ref"), (cand_model, "cand")):
+        try:
+            out.append(RoutingTap(model, case, side))
+        except ProbeError:
+            out.append(None)
+    return out
+
+
+def localize(case, ref_model, cand_model, batch: Batch) -> Divergence | None:
+    """The first (in the reference's execution order) submodule pair that diverges; routers
+    are compared as routing decisions read through each side's probes."""
+    pairs = case.module_pairs()
     ref_mods, cand_mods = _named(ref_model, pairs, "ref"), _named(cand_model, pairs, "cand")
     ref_out, cand_out, order = {}, {}, []
-    with torch.no_grad(), _capture(ref_mods, ref_out, order), _capture(cand_mods, cand_out):
+    ref_tap, cand_tap = _taps(case, ref_model, cand_model)
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_capture(ref_mods, ref_out, order))
+        stack.enter_context(_capture(cand_mods, cand_out))
+        for tap in (ref_tap, cand_tap):
+            if tap is not None:
+                stack.enter_context(tap())
         run_reference(ref_model, batch)
         try:
             run_candidate(cand_model, batch)
         except Exception:  # noqa: BLE001 - localize what ran before the failure
             pass
     rank = {name: i for i, name in enumerate(order)}
-    live = [p for p in pairs if p.ref in ref_out and p.cand in cand_out]
+    live = [p for p in pairs if p.ref in ref_out and (p.cand in cand_out or p.role == "router")]
     live.sort(key=lambda p: rank[p.ref])
     for pair in live:
-        compare = _compare_router if pair.role == "router" else _compare_hidden
-        found = compare(pair, ref_out[pair.ref], cand_out[pair.cand], batch.valid)
+        if pair.role == "router":
+            if ref_tap is None or cand_tap is None or pair.layer not in ref_tap.readings:
+                continue
+            cand_reading = cand_tap.readings.get(pair.layer)
+            if cand_reading is None:
+                continue
+            found = compare_readings(pair, ref_tap.readings[pair.layer], cand_reading, batch.valid)
+        elif pair.cand in cand_out:
+            found = _compare_hidden(pair, ref_out[pair.ref], cand_out[pair.cand], batch.valid)
+        else:
+            found = None
         if found:
             return found
     return None
 
 
-def routing_pinned_delta(ref_model, cand_model, batch: Batch, pairs: list[ModulePair]) -> float | None:
-    """Rerun the candidate with every router's output replaced by the reference router's
-    (same experts, same weights). Returns max|delta logit| then, or None without routers."""
-    routers = [p for p in pairs if p.role == "router"]
-    ref_mods, cand_mods = _named(ref_model, routers, "ref"), _named(cand_model, routers, "cand")
-    if not ref_mods or not cand_mods:
+def routing_pinned_delta(case, ref_model, cand_model, batch: Batch) -> float | None:
+    """Rerun the candidate with every layer's routing replaced by the reference's (same
+    experts, same weights), through the candidate's probes. max|delta logit| then, or None
+    when the routing cannot be read or forced."""
+    from .probing import RoutingTap, can_force, forced_routing
+
+    if can_force(case) is not None:
         return None
-    ref_out: dict = {}
-    with torch.no_grad(), _capture(ref_mods, ref_out):
-        ref_logits = run_reference(ref_model, batch)
-    handles = []
-    for p in routers:
-        if p.ref in ref_out and p.cand in cand_mods:
-            forced = ref_out[p.ref]
-            handles.append(cand_mods[p.cand].register_forward_hook(lambda m, a, o, forced=forced: forced))
     try:
-        with torch.no_grad():
-            cand_logits = run_candidate(cand_model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+        ref_tap = RoutingTap(ref_model, case, "ref")
+    except ProbeError:
+        return None
+    with torch.no_grad(), ref_tap():
+        ref_logits = run_reference(ref_model, batch)
+    readings = dict(ref_tap.readings)
+
+    def choose(layer, natural):
+        forced = readings.get(layer)
+        return natural if forced is None else forced
+
+    with torch.no_grad(), forced_routing(cand_model, case, "cand", choose):
+        cand_logits = run_candidate(cand_model, batch)
     valid = batch.valid
     return float((ref_logits.double()[valid] - cand_logits.double()[valid]).abs().max())
 
 
-def diagnose(ref_model, cand_model, batch: Batch, pairs: list[ModulePair], unpinned_delta: float | None) -> str:
+def diagnose(case, ref_model, cand_model, batch: Batch, unpinned_delta: float | None) -> str:
     """A failure message body: first divergence, then what pinning the routing changes."""
     lines = []
-    found = localize(ref_model, cand_model, batch, pairs)
+    found = localize(case, ref_model, cand_model, batch)
     if found:
         lines.append(f"first divergence: reference {found.pair.ref} <-> candidate {found.pair.cand}: {found.summary}")
     else:
         lines.append("no declared submodule pair diverges beyond the localization threshold; the difference is "
                      "outside the declared pairs (or below it at every pair and compounding)")
     try:
-        pinned = routing_pinned_delta(ref_model, cand_model, batch, pairs)
+        pinned = routing_pinned_delta(case, ref_model, cand_model, batch)
     except Exception as exc:  # noqa: BLE001
         pinned, lines = None, lines + [f"routing-pinned rerun failed: {type(exc).__name__}: {exc}"]
     if pinned is not None and unpinned_delta is not None:

@@ -54,6 +54,7 @@ class ModulePair:
     ref: str
     cand: str
     role: str = "hidden"
+    layer: int | None = None  # set when a {i} template is expanded
 
 
 @dataclass

@@ -13,8 +13,10 @@ trainer's) and answers two questions:
 ``load(state)`` hands the engine new weights after an optimizer step.
 
 Engines:
-- ``CandidateEngine``: the candidate itself with KV-cache decoding (left-padded batches,
-  incremental steps): the embedded default, no extra install; reports routing.
+- ``CandidateEngine``: the candidate itself with full forwards (any candidate; left-padded
+  batches); ``CachedCandidateEngine``: the candidate decoding through its own cache, used when
+  the plugin declares ``ArchSpec(decoding=Decoding(...))``. ``default_engine`` picks one; both
+  report routing where the candidate's probes give expert indices.
 - ``TransformersEngine``: the transformers reference (the weights exported with ``to_hf`` into
   an on-disk checkpoint and loaded with ``from_pretrained``); full forwards, no cache.
 - ``VLLMEngine``: vLLM in a worker process (``moe_conformance/vllm_worker.py``, run by file
@@ -42,7 +44,6 @@ from typing import Any
 import torch
 
 from .case import logits_of
-from .modeling import KVCache
 
 VLLM_PYTHON_ENV = "MOE_CONFORMANCE_VLLM_PYTHON"
 VLLM_WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
@@ -95,22 +96,29 @@ def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# The candidate itself, with a KV cache
+# The candidate itself: full forwards (any candidate), or its own cache (declared Decoding)
+
+
+def _sample(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from exp(logp), drawn on the CPU so every device samples alike."""
+    return torch.multinomial(logp.detach().float().exp().cpu(), 1, generator=gen)[:, 0]
 
 
 class CandidateEngine(Engine):
-    """The candidate model as its own inference engine: batched, left-padded prefill, then one
-    token per step through ``KVCache``. Sampling applies the temperature to the logits."""
+    """The candidate as its own inference engine with full forwards only: batched, left-padded
+    prompts, the whole sequence re-run for every new token. Works for any candidate (the
+    contract's forward is all it needs); sampling applies the temperature to the logits."""
 
     name = "candidate"
-    reports_routing = True
 
     def __init__(self, case, state: dict[str, torch.Tensor]):
-        from .training import RouterTap, router_names
+        from .training import routing_tap
 
         self.case = case
+        self.device = case.device
         self.model = case.candidate(state={k: v.detach().clone() for k, v in state.items()}).eval()
-        self.tap = RouterTap(self.model, router_names(case, "cand", self.model))
+        self.tap = routing_tap(case, self.model, "cand")
+        self.reports_routing = "indices" in case.routing_fields()
 
     def load(self, state):
         with torch.no_grad():
@@ -125,12 +133,70 @@ class CandidateEngine(Engine):
         """Per-position distributions [S, V] -> the distribution of token t at row t - 1."""
         return logp[:-1]
 
-    def _forward(self, ids, mask, positions, cache, routing):
+    def _forward(self, ids, mask, positions, routing=None, **extra):
+        d = self.device
         with self.tap():
-            out = self.model(ids, attention_mask=mask, position_ids=positions, cache=cache)
-        for layer, idx in enumerate(self.tap.indices):
-            routing[layer].append(idx.reshape(ids.shape[0], ids.shape[1], -1))
+            out = self.model(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d), **extra)
+        if routing is not None and self.reports_routing:
+            for layer, idx in enumerate(self.tap.indices):
+                routing[layer].append(idx.reshape(ids.shape[0], ids.shape[1], -1).cpu())
         return logits_of(out)
+
+    @torch.no_grad()
+    def prompt_logprobs(self, seqs):
+        ids, mask, positions = left_pad(seqs)
+        logits = self._forward(ids, mask, positions).cpu()
+        L = ids.shape[1]
+        return [self.align(self.log_dist(logits[b, L - len(s):], 1.0)) for b, s in enumerate(seqs)]
+
+    def _routes(self, rows, tokens):
+        """Per row, per MoE layer, the sorted experts of every token fed (prompt + generated
+        tokens but the last), from one forward over the finished sequences."""
+        if not self.reports_routing:
+            return [None] * len(rows)
+        fed = [r + t[:-1] for r, t in zip(rows, tokens)]
+        ids, mask, positions = left_pad(fed)
+        routing = [[] for _ in self.tap.layers]
+        self._forward(ids, mask, positions, routing)
+        L = ids.shape[1]
+        per_layer = [torch.cat(chunks, dim=1) for chunks in routing if chunks]
+        return [[[sorted(x.tolist()) for x in layer[b, L - len(f):]] for layer in per_layer] for b, f in enumerate(fed)]
+
+    @torch.no_grad()
+    def generate(self, prompts, n, max_tokens, temperature, seed, stop_token=None):
+        rows = [list(p) for p in prompts for _ in range(n)]
+        gen = torch.Generator().manual_seed(seed)
+        tokens = [[] for _ in rows]
+        logprobs = [[] for _ in rows]
+        done = [False] * len(rows)
+        for _ in range(max_tokens):
+            ids, mask, positions = left_pad([r + t for r, t in zip(rows, tokens)])
+            logp = self.log_dist(self._forward(ids, mask, positions)[:, -1], temperature).cpu()
+            choice = _sample(logp, gen)
+            for b in range(len(rows)):
+                if not done[b]:
+                    tokens[b].append(int(choice[b]))
+                    logprobs[b].append(float(logp[b, choice[b]]))
+                    done[b] = stop_token is not None and int(choice[b]) == stop_token
+            if all(done):
+                break
+        routes = self._routes(rows, tokens)
+        return [Rollout(b // n, r, tokens[b], logprobs[b], routes[b]) for b, r in enumerate(rows)]
+
+
+class CachedCandidateEngine(CandidateEngine):
+    """The candidate decoding through its own cache (``ArchSpec.decoding``): left-padded
+    prefill, then one token per step, ``attention_mask`` covering the cached and new tokens.
+    A cache bug shows as engine/trainer mismatch; routing is reported per fed token."""
+
+    name = "candidate+cache"
+
+    def __init__(self, case, state):
+        super().__init__(case, state)
+        self.decoding = case.spec.decoding
+
+    def _step(self, ids, mask, positions, cache, routing):
+        return self._forward(ids, mask, positions, routing, **{self.decoding.keyword: cache})
 
     @torch.no_grad()
     def prompt_logprobs(self, seqs):
@@ -139,16 +205,12 @@ class CandidateEngine(Engine):
         ids, mask, positions = left_pad(seqs)
         L = ids.shape[1]
         prefill = max(1, L // 2)
-        cache, routing = KVCache(), [[] for _ in self.tap.modules]
-        steps = [self._forward(ids[:, :prefill], mask[:, :prefill], positions[:, :prefill], cache, routing)]
+        cache = self.decoding.new_cache(self.model)
+        steps = [self._step(ids[:, :prefill], mask[:, :prefill], positions[:, :prefill], cache, None)]
         for t in range(prefill, L):
-            steps.append(self._forward(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], cache, routing))
-        logits = torch.cat(steps, dim=1)
-        out = []
-        for b, s in enumerate(seqs):
-            logp = self.log_dist(logits[b, L - len(s):], 1.0)
-            out.append(self.align(logp))
-        return out
+            steps.append(self._step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], cache, None))
+        logits = torch.cat(steps, dim=1).cpu()
+        return [self.align(self.log_dist(logits[b, L - len(s):], 1.0)) for b, s in enumerate(seqs)]
 
     @torch.no_grad()
     def generate(self, prompts, n, max_tokens, temperature, seed, stop_token=None):
@@ -156,15 +218,16 @@ class CandidateEngine(Engine):
         ids, mask, positions = left_pad(rows)
         B, P = ids.shape
         gen = torch.Generator().manual_seed(seed)
-        cache, routing = KVCache(), [[] for _ in self.tap.modules]
-        logits = self._forward(ids, mask, positions, cache, routing)[:, -1]
+        cache = self.decoding.new_cache(self.model)
+        routing = [[] for _ in self.tap.layers]
+        logits = self._step(ids, mask, positions, cache, routing)[:, -1]
         tokens = [[] for _ in range(B)]
         logprobs = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
         next_pos = positions[:, -1] + 1
         for step in range(max_tokens):
-            logp = self.log_dist(logits, temperature)
-            choice = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
+            logp = self.log_dist(logits, temperature).cpu()
+            choice = _sample(logp, gen)
             for b in range(B):
                 if not done[b]:
                     tokens[b].append(int(choice[b]))
@@ -173,16 +236,22 @@ class CandidateEngine(Engine):
             if bool(done.all()) or step == max_tokens - 1:
                 break
             mask = torch.cat((mask, (~done).long()[:, None]), dim=1)
-            logits = self._forward(choice[:, None], mask, next_pos[:, None], cache, routing)[:, -1]
+            logits = self._step(choice[:, None], mask, next_pos[:, None], cache, routing)[:, -1]
             next_pos = next_pos + 1
-        per_layer = [torch.cat(chunks, dim=1) for chunks in routing]  # [B, P + fed, K]
         out = []
+        per_layer = [torch.cat(chunks, dim=1) for chunks in routing if chunks]
         for b, row in enumerate(rows):
             fed = len(row) + len(tokens[b]) - 1  # prompt + generated tokens fed back
             start = P - len(row)
-            route = [[sorted(x.tolist()) for x in layer[b, start:start + fed]] for layer in per_layer]
+            route = ([[sorted(x.tolist()) for x in layer[b, start:start + fed]] for layer in per_layer]
+                     if self.reports_routing else None)
             out.append(Rollout(b // n, row, tokens[b], logprobs[b], route))
         return out
+
+
+def default_engine(case, state: dict[str, torch.Tensor]) -> Engine:
+    """The candidate's own cache when its plugin declares incremental decoding, else full forwards."""
+    return (CachedCandidateEngine if case.spec.decoding is not None else CandidateEngine)(case, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +293,9 @@ class TransformersEngine(Engine):
         self.model = self.model.to(self.case.device).eval()
 
     def _logits(self, ids, mask, positions):
-        return logits_of(self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False))
+        d = self.case.device
+        return logits_of(self.model(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
+                                    use_cache=False)).cpu()
 
     @torch.no_grad()
     def prompt_logprobs(self, seqs):
@@ -244,7 +315,7 @@ class TransformersEngine(Engine):
         for _ in range(max_tokens):
             ids, mask, positions = left_pad([r + t for r, t in zip(rows, tokens)])
             logp = (self._logits(ids, mask, positions)[:, -1].float() / temperature).log_softmax(-1)
-            choice = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
+            choice = _sample(logp, gen)
             for b in range(len(rows)):
                 if not done[b]:
                     tokens[b].append(int(choice[b]))
@@ -421,7 +492,7 @@ def trainer_prompt_logprobs(model, seqs: list[list[int]], device="cpu") -> list[
     out = []
     for s in seqs:
         ids = torch.tensor([s], device=device)
-        out.append(logits_of(model(ids))[0].float().log_softmax(-1)[:-1].cpu())
+        out.append(logits_of(model(input_ids=ids))[0].float().log_softmax(-1)[:-1].cpu())
     return out
 
 

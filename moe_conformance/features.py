@@ -6,8 +6,6 @@ to bf16, interleave flipped...). The tiny_config suite requires every ablation t
 reference's logits by at least ``LIVENESS_FACTOR`` times the logit-parity gate: a planted bug
 on that feature is then guaranteed to be visible, not hidden by an inert config.
 
-Also here: routing statistics on the test inputs (expert loads, top-k margins), read from the
-reference's routers through their ``(router_logits, topk_weights, topk_indices)`` outputs.
 """
 
 from __future__ import annotations
@@ -86,46 +84,3 @@ def ablated_reference(case, feature: str):
     if patch:
         patch(model)
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# Routing statistics on the reference
-
-
-def router_outputs(model, batch, router_names: list[str]) -> dict[str, tuple]:
-    from .compare import run_reference
-
-    modules = dict(model.named_modules())
-    store, handles = {}, []
-    for name in router_names:
-        if name in modules:
-            handles.append(modules[name].register_forward_hook(lambda m, a, o, name=name: store.__setitem__(name, o)))
-    try:
-        with torch.no_grad():
-            run_reference(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return store
-
-
-def choice_margins(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
-                   scoring: str) -> dict[str, torch.Tensor]:
-    """Per token: the gap between the k-th and (k+1)-th expert choice score, and (grouped
-    routing) between the last kept and the first dropped group score. A gap near float noise
-    means a routing decision another CPU could take differently."""
-    # softmax routers select the top-k of the logits (softmax is monotonic): measure there, where
-    # a gap is not squashed by the normalization
-    scores = logits.float().sigmoid() if scoring == "sigmoid" else logits.float()
-    choice = scores + bias if bias is not None else scores
-    out = {}
-    if n_group > 1:
-        groups = choice.view(choice.shape[0], n_group, -1)
-        group_scores = groups.topk(2, dim=-1).values.sum(-1).sort(-1, descending=True).values
-        out["group_margin"] = group_scores[:, topk_group - 1] - group_scores[:, topk_group]
-        kept = groups.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
-        mask = torch.zeros(choice.shape[0], n_group, dtype=torch.bool, device=choice.device).scatter_(1, kept, True)
-        choice = choice.masked_fill(~mask.repeat_interleave(choice.shape[1] // n_group, 1), float("-inf"))
-    ranked = choice.sort(-1, descending=True).values
-    out["topk_margin"] = ranked[:, top_k - 1] - ranked[:, top_k]
-    return out

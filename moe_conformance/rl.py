@@ -97,7 +97,7 @@ class RLHooks:
     """The RL pieces under test. A team plugs in its own through
     ``ArchSpec(rl=RLHooks(engine=MyEngine, ...))``; the suites check them."""
 
-    engine: Callable[..., engines.Engine] = engines.CandidateEngine  # (case, candidate_state) -> Engine
+    engine: Callable[..., engines.Engine] = engines.default_engine  # (case, candidate_state) -> Engine
     reward: Callable[[str, str], float] = reverse_reward
     kl_estimator: KLEstimator = K3
 
@@ -195,7 +195,7 @@ def run_rl(case, hooks: RLHooks = REFERENCE_HOOKS, cfg: RLConfig = RLConfig(), e
     run = RLRun(cfg, getattr(engine, "name", type(engine).__name__), hooks.kl_estimator, RLLog(),
                 reports_routing=bool(getattr(engine, "reports_routing", False)), warm_loss=warm_losses)
     opt = training.build_optimizer(policy, training.TrainConfig(lr=cfg.lr, weight_decay=0.0))
-    tap = training.RouterTap(policy, training.router_names(case, "cand", policy))
+    tap = training.routing_tap(case, policy, "cand")
     texts = data.texts(cfg.steps * cfg.prompts, case.case_seed + 202)
     log, T = run.log, cfg.temperature
     try:
@@ -205,7 +205,7 @@ def run_rl(case, hooks: RLHooks = REFERENCE_HOOKS, cfg: RLConfig = RLConfig(), e
             prompts = [prompt_ids(tok, t) for t in step_texts]
             rollouts = engine.generate(prompts, cfg.rollouts, cfg.max_tokens, T, case.case_seed + step, eos)
             rewards = torch.tensor([hooks.reward(step_texts[r.prompt_index], answer_text(tok, r.tokens)) for r in rollouts],
-                                   dtype=torch.float32)
+                                   dtype=torch.float32, device=case.device)
             groups = rewards.view(cfg.prompts, cfg.rollouts)
             adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)).reshape(-1)
             run.examples = [(step_texts[r.prompt_index], answer_text(tok, r.tokens), float(x))
@@ -224,15 +224,15 @@ def run_rl(case, hooks: RLHooks = REFERENCE_HOOKS, cfg: RLConfig = RLConfig(), e
                 P = len(r.prompt)
                 comp[b, P - 1:P - 1 + len(r.tokens)] = True
                 engine_lp[b, P - 1:P - 1 + len(r.tokens)] = torch.tensor(r.logprobs, dtype=torch.float32)
-            ids, mask = ids.to(case.device), mask.to(case.device)
+            ids, mask, comp = ids.to(case.device), mask.to(case.device), comp.to(case.device)
             targets = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
             policy.train()
             with tap():
-                logits = logits_of(policy(ids, attention_mask=mask)).float()
+                logits = logits_of(policy(input_ids=ids, attention_mask=mask)).float()
             logp = (logits / T).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
             with torch.no_grad():
                 untempered = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0] / T
-                ref_logits = logits_of(reference(ids, attention_mask=mask)).float()
+                ref_logits = logits_of(reference(input_ids=ids, attention_mask=mask)).float()
                 ref_lp = (ref_logits / T).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
             # engine / trainer mismatch on the sampled tokens
             lp_d, e_lp = logp.detach()[comp].double(), engine_lp.to(logp.device)[comp].double()

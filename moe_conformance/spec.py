@@ -173,7 +173,7 @@ def validate(spec: Any, origin: str) -> ArchSpec:
     for name in ("reference", "candidate", "model_config"):
         if not callable(getattr(spec, name)):
             raise fail(name, f"must be callable (config -> model), got {type(getattr(spec, name)).__name__}")
-    for method in ("to_candidate", "to_hf", "module_pairs"):
+    for method in ("to_candidate", "to_hf"):
         if not callable(getattr(spec.converter, method, None)):
             raise fail("converter", f"must have a callable {method}(...)")
     if not isinstance(spec.capabilities, Capabilities):

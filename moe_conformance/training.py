@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .case import logits_of
+from .contract import ProbeError, RouterReading
 from .data import IGNORE, TrainBatch
+from .probing import RoutingTap, forced_routing, routing_layers
 
 # --------------------------------------------------------------------------------------------
 # Definitions
@@ -145,53 +147,9 @@ def hooks_for(spec) -> TrainingHooks:
 # Routers: taps, loads, health, force-routing
 
 
-def _declared(case, side: str, role: str, model: torch.nn.Module | None) -> list[str]:
-    names = [getattr(p, side) for p in case.module_pairs() if p.role == role]
-    if model is None:
-        return names
-    present = dict(model.named_modules())
-    return [n for n in names if n in present]
-
-
-def router_names(case, side: str, model: torch.nn.Module | None = None) -> list[str]:
-    """Router module names of one side (``ref`` or ``cand``), in layer order; with ``model``,
-    only those it has (dense layers have none)."""
-    return _declared(case, side, "router", model)
-
-
-def expert_names(case, side: str, model: torch.nn.Module | None = None) -> list[str]:
-    return _declared(case, side, "experts", model)
-
-
-class RouterTap:
-    """Records every router's ``(router_logits, topk_weights, topk_indices)`` during a forward,
-    graph attached, keyed by module name in the order the routers ran."""
-
-    def __init__(self, model: torch.nn.Module, names: list[str]):
-        modules = dict(model.named_modules())
-        self.modules = {n: modules[n] for n in names if n in modules}
-        if not self.modules:
-            raise LookupError(f"none of the declared router modules {names[:3]} exists in {type(model).__name__}")
-        self.outputs: dict[str, tuple] = {}
-
-    @contextmanager
-    def __call__(self) -> Iterator[RouterTap]:
-        self.outputs = {}
-        handles = [m.register_forward_hook(lambda mod, args, out, n=n: self.outputs.__setitem__(n, out))
-                   for n, m in self.modules.items()]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    @property
-    def logits(self) -> tuple[torch.Tensor, ...]:
-        return tuple(out[0].reshape(-1, out[0].shape[-1]) for out in self.outputs.values())
-
-    @property
-    def indices(self) -> tuple[torch.Tensor, ...]:
-        return tuple(out[2].reshape(-1, out[2].shape[-1]) for out in self.outputs.values())
+def routing_tap(case, model: torch.nn.Module, side: str) -> RoutingTap:
+    """A tap on every MoE layer's routing decision, read through that side's probes."""
+    return RoutingTap(model, case, side)
 
 
 def loads(indices: torch.Tensor, num_experts: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,54 +166,71 @@ def health(layer_loads: list[torch.Tensor]) -> dict[str, float]:
     return {"expert_utilization": util, "load_imbalance": imbalance}
 
 
-def selection_biases(model: torch.nn.Module, routers: list[str], num_experts: int,
-                     buffers_only: bool = False) -> list[tuple[str, torch.Tensor] | None]:
-    """Per router, its selection-only bias ``(name, tensor)`` or None: a float tensor of shape
-    [E] named ``*bias*`` held by the router or by its MoE block (transformers' MiniMax-M2 keeps
-    ``e_score_correction_bias`` on the block). A Linear's own bias (gpt-oss's router) is not one.
-    ``buffers_only`` for the reference, whose selection biases are buffers by construction."""
-    state = model.state_dict(keep_vars=True)
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    out = []
-    for r in routers:
-        holders = {r, r.rsplit(".", 1)[0] if "." in r else ""}
-        found = [(n, t) for n, t in state.items()
-                 if n.rsplit(".", 1)[0] in holders and "bias" in n.rsplit(".", 1)[-1] and t.is_floating_point()
-                 and tuple(t.shape) == (num_experts,) and not (buffers_only and n in params)]
-        out.append(found[0] if found else None)
-    return out
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def selection_biases(case, model: torch.nn.Module, side: str) -> list[tuple[str, torch.Tensor] | None]:
+    """Per MoE layer (probing.routing_layers order), its selection-only bias ``(name, tensor)``
+    or None. The reference's are transformers' ``e_score_correction_bias`` buffers; the
+    candidate's are found by tracing the converter (the candidate tensor that becomes the
+    reference's bias on disk), so no naming convention of the candidate is assumed."""
+    if side == "ref":
+        by_layer = {layer_of(n): (n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    else:
+        state = model.state_dict(keep_vars=True)
+        by_layer = {}
+        for name, disk in candidate_bias_names(case).items():
+            if name in state:
+                by_layer[layer_of(disk[0])] = (name, state[name])
+    return [by_layer.get(l.layer) for l in routing_layers(case, side, model)]
 
 
 @contextmanager
-def force_route(model: torch.nn.Module, routers: list[str], experts: list[int], num_experts: int, offset: float = 100.0):
-    """Bias every listed router toward ``experts`` so they receive the traffic (the others get
-    none when ``len(experts) >= top_k``). A router with a selection-only bias gets the offset
-    there (its own code then picks the experts; weights unchanged). Otherwise a forward hook
-    re-picks top-k on ``router_logits + offset`` with softmax weights of the shifted logits,
-    through the ``(router_logits, topk_weights, topk_indices)`` protocol."""
-    modules = dict(model.named_modules())
-    boost = torch.zeros(num_experts)
+def force_route(case, model: torch.nn.Module, side: str, experts: list[int], offset: float = 100.0):
+    """Steer every MoE layer toward ``experts`` (the others get no token when
+    ``len(experts) >= top_k``). A layer with a selection-only bias gets the offset there (its own
+    routing code then picks the experts; weights unchanged). Otherwise the decision is forced
+    through the probes: top-k of the boosted scores, weights from the shifted logits' softmax
+    where the probe exposes logits (else the natural scores of the chosen experts)."""
+    E = case.num_experts
+    boost = torch.zeros(E)
     boost[experts] = offset
     undo = []
+    biased = selection_biases(case, model, side)
+    unbiased_layers = {l.layer for l, found in zip(routing_layers(case, side, model), biased) if found is None}
+
+    def choose(layer, natural):
+        if layer not in unbiased_layers:
+            return natural
+        k = natural.indices.shape[-1]
+        base = natural.logits if natural.logits is not None else natural.scores
+        if base is None:
+            raise ProbeError("force-routing a layer without a selection bias needs router logits or scores "
+                             "from the router probe")
+        base = base.reshape(-1, E)
+        shifted = base.float() + boost.to(base.device)
+        idx = shifted.topk(k, dim=-1).indices
+        source = shifted.softmax(-1) if natural.logits is not None else base.float()
+        weights = source.gather(-1, idx).to(natural.weights.dtype)
+        return RouterReading(indices=idx.reshape(natural.indices.shape), weights=weights.reshape(natural.weights.shape))
+
     try:
-        for name, found in zip(routers, selection_biases(model, routers, num_experts)):
+        for found in biased:
             if found is not None:
                 bias = found[1]
                 with torch.no_grad():
                     bias.add_(boost.to(bias))
                 undo.append(lambda bias=bias: bias.data.sub_(boost.to(bias)))
-                continue
-
-            def forced(module, args, out):
-                logits, weights, indices = out
-                shifted = logits.float() + boost.to(logits.device)
-                k = indices.shape[-1]
-                idx = shifted.topk(k, dim=-1).indices
-                w = shifted.softmax(-1).gather(-1, idx).to(weights.dtype)
-                return logits, w.reshape(weights.shape), idx.reshape(indices.shape).to(indices.dtype)
-
-            undo.append(modules[name].register_forward_hook(forced).remove)
-        yield
+        if unbiased_layers:
+            with forced_routing(model, case, side, choose):
+                yield
+        else:
+            yield
     finally:
         for fn in reversed(undo):
             fn()
@@ -265,7 +240,7 @@ def force_route(model: torch.nn.Module, routers: list[str], experts: list[int], 
 # Names: candidate tensors in the on-disk naming, parameter groups
 
 
-def candidate_disk_names(converter, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+def candidate_disk_names(case, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """candidate key -> the on-disk key(s) it feeds (one per expert for stacked tensors, one
     fused key for several candidate tensors...). Traced, not parsed: every candidate tensor is
     filled with its own marker value, the whole state converted, and the markers read back, so
@@ -274,7 +249,7 @@ def candidate_disk_names(converter, state: dict[str, torch.Tensor]) -> dict[str,
     marked = {k: torch.full(v.shape, float(keys.index(k) + 1) if k in keys else 0, dtype=v.dtype if k in keys else torch.float32)
               for k, v in state.items()}
     out: dict[str, list[str]] = {k: [] for k in state}
-    for disk_key, t in converter.to_hf(marked).items():
+    for disk_key, t in case.to_hf(marked).items():
         for marker in torch.unique(t.float()).tolist():
             if marker >= 1 and float(marker).is_integer() and int(marker) <= len(keys):
                 out[keys[int(marker) - 1]].append(disk_key)
@@ -292,10 +267,19 @@ def correction_bias_keys(case) -> list[str]:
     from transformers.core_model_loading import revert_weight_conversion
 
     ref = case.reference()
-    found = selection_biases(ref, router_names(case, "ref", ref), case.num_experts, buffers_only=True)
-    named = {f[0]: f[1] for f in found if f is not None}
+    named = {n: b for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
     prefix = getattr(case.spec.converter, "disk_prefix", "")
     return [k if k.startswith(prefix) else prefix + k for k in revert_weight_conversion(ref, named)]
+
+
+def candidate_bias_names(case) -> dict[str, list[str]]:
+    """Candidate tensor name -> the on-disk selection-bias key(s) it becomes (traced)."""
+    keys = set(correction_bias_keys(case))
+    if not keys:
+        return {}
+    model = case.candidate()
+    state = dict(model.state_dict())
+    return {name: disk for name, disk in candidate_disk_names(case, state).items() if disk and set(disk) <= keys}
 
 
 def candidate_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
@@ -398,7 +382,7 @@ def run_model(model, batch, reference: bool):
     return model(**batch.kwargs)
 
 
-def lm_backward(model, batch: TrainBatch, reference: bool, tap: RouterTap | None = None) -> float:
+def lm_backward(model, batch: TrainBatch, reference: bool, tap: RoutingTap | None = None) -> float:
     """Forward + backward of the task loss alone (no aux/z terms); returns the loss."""
     model.zero_grad(set_to_none=True)
     if tap is None:
@@ -441,14 +425,16 @@ class _Side:
     def __init__(self, case, model, hooks: TrainingHooks, side: str, cfg: TrainConfig):
         self.model, self.hooks, self.cfg = model, hooks, cfg
         self.reference = side == "ref"
-        self.tap = RouterTap(model, router_names(case, side))
+        self.tap = routing_tap(case, model, side)
         self.opt = hooks.optimizer(model, cfg)
         self.E = case.num_experts
         self.top_k = case.model_config.num_experts_per_tok
+        # aux and z-loss need router logits: both sides train without them when the candidate's
+        # probe exposes none (the curves are compared like for like)
+        self.router_losses = "logits" in case.routing_fields()
         self.biases = []
         if case.spec.capabilities.correction_bias:
-            found = selection_biases(model, list(self.tap.modules), self.E, buffers_only=self.reference)
-            self.biases = [f[1] if f is not None else None for f in found]
+            self.biases = [f[1] if f is not None else None for f in selection_biases(case, model, side)]
         self.log = SideLog()
 
     def step(self, step: int, batch: TrainBatch) -> None:
@@ -460,10 +446,14 @@ class _Side:
         with self.tap():
             logits = logits_of(run_model(self.model, batch, self.reference))
         ce = lm_loss(logits, batch.labels)
-        router_logits = self.tap.logits
-        aux = self.hooks.aux_loss(router_logits, self.top_k, batch.attention_mask)
-        z = self.hooks.z_loss(router_logits, batch.attention_mask)
-        total = ce + cfg.aux_coef * aux + cfg.z_coef * z
+        if self.router_losses:
+            router_logits = self.tap.logits
+            aux = self.hooks.aux_loss(router_logits, self.top_k, batch.attention_mask)
+            z = self.hooks.z_loss(router_logits, batch.attention_mask)
+            total = ce + cfg.aux_coef * aux + cfg.z_coef * z
+        else:
+            aux = z = torch.tensor(float("nan"))
+            total = ce
         total.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip, foreach=False) if params else torch.tensor(0.0)

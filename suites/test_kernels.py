@@ -1,6 +1,6 @@
 """Kernel vs reference (family ``kernels``).
 
-1. The kernel check set (moe_conformance.kernels.checks) on hypothesis-drawn shapes that match
+1. The kernel check set (moe_conformance.kernel_checks.checks) on hypothesis-drawn shapes that match
    the arch's routing (scoring, groups, bias): one token, empty experts, all tokens on one
    expert, odd sizes; outputs poisoned with NaN, forward+backward twice, fp32 and fp16 on CPU
    (Triton under TRITON_INTERPRET=1), bf16 too on a GPU (``--device cuda``).
@@ -16,8 +16,8 @@ import torch
 
 from moe_conformance import tolerances
 from moe_conformance.compare import compare_logits, run_candidate, run_reference
-from moe_conformance.kernels.checks import backend_available, run_kernel_checks
-from moe_conformance.kernels.strategies import RoutingConfig
+from moe_conformance.kernel_checks.checks import backend_available, run_kernel_checks
+from moe_conformance.kernel_checks.strategies import RoutingConfig
 
 BACKEND = "triton"
 
@@ -95,7 +95,7 @@ def test_candidate_on_kernels_matches_reference(arch, record):
 def test_reference_with_kernel_experts(arch, record):
     """transformers' own model with its experts on the kernels: logits and every gradient."""
     _require_backend(str(arch.device))
-    from moe_conformance.kernels.hf_integration import register, supports
+    from moe_conformance.kernel_checks.hf_integration import register, supports
 
     eager = arch.reference()
     experts = [m for n, m in eager.named_modules() if n.endswith("mlp.experts")]

@@ -30,6 +30,6 @@ def test_logit_parity(arch, inputs, record):
         delta = result.figures.get("max_abs_logit_delta")
         pytest.fail(
             f"{arch.id} on '{inputs}' inputs: " + "; ".join(problems) + "\n"
-            + diagnose(ref, cand, batch, arch.module_pairs(), delta),
+            + diagnose(arch, ref, cand, batch, delta),
             pytrace=False,
         )

@@ -36,13 +36,11 @@ def _prepared(arch) -> dict:
     if arch not in _CACHE:
         batch = data.lm_batch(tokenizer.load(), BATCH_SIZE, arch.case_seed).to(arch.device)
         cand = arch.candidate().train()
-        cand_names = training.router_names(arch, "cand", cand)
         cand_state = dict(cand.state_dict())
         cand_state.update(dict(cand.named_parameters()))
         _CACHE[arch] = {
             "batch": batch,
-            "cand_routers": cand_names,
-            "disk_names": training.candidate_disk_names(arch.spec.converter, cand_state),
+            "disk_names": training.candidate_disk_names(arch, cand_state),
             "bias_keys": set(training.correction_bias_keys(arch)),
         }
     return _CACHE[arch]
@@ -50,9 +48,9 @@ def _prepared(arch) -> dict:
 
 
 
-def _backward(arch, model, reference: bool, routers: list[str]):
+def _backward(arch, model, reference: bool):
     prep = _prepared(arch)
-    tap = training.RouterTap(model, routers)
+    tap = training.routing_tap(arch, model, "ref" if reference else "cand")
     loss = training.lm_backward(model, prep["batch"], reference, tap)
     return loss, tap
 
@@ -74,7 +72,7 @@ def _bias_names(arch) -> list[str]:
 
 def test_router_weights_get_gradient(arch, record):
     cand = arch.candidate().train()
-    loss, tap = _backward(arch, cand, False, _prepared(arch)["cand_routers"])
+    loss, tap = _backward(arch, cand, False)
     bias = set(_bias_names(arch))
     problems, norms = [], []
     for name in tap.modules:
@@ -113,18 +111,16 @@ def test_expert_gradients_follow_routing(arch, routing, record):
     cand = arch.candidate().train()
     chosen = list(range(k + 1))  # contiguous, so group-limited routing keeps them together
     if routing == "forced":
-        with training.force_route(cand, prep["cand_routers"], chosen, E):
-            _, tap = _backward(arch, cand, False, prep["cand_routers"])
+        with training.force_route(arch, cand, "cand", chosen):
+            _, tap = _backward(arch, cand, False)
     else:
-        _, tap = _backward(arch, cand, False, prep["cand_routers"])
+        _, tap = _backward(arch, cand, False)
     loss_rows = prep["batch"].loss_mask.reshape(-1)
     modules = dict(cand.named_modules())
-    experts = training.expert_names(arch, "cand", cand)
-    if len(experts) != len(tap.modules):
-        arch.fail("the converter's router and experts module pairs do not match up layer by layer",
-              [f"routers {list(tap.modules)}", f"experts {experts}"])
+    layers = [l for l in tap.layers if l.experts]
     problems, routed, empty = [], 0, 0
-    for router, expert_mod, idx in zip(tap.modules, experts, tap.indices):
+    for layer, idx in zip(layers, tap.indices):
+        expert_mod = layer.experts
         load = training.loads(idx, E, loss_rows)
         routed += int((load > 0).sum())
         empty += int((load == 0).sum())
@@ -152,7 +148,7 @@ def test_shared_experts_get_gradient(arch, record):
         pytest.skip(f"{arch.id}: the architecture has no shared experts")
     prep = _prepared(arch)
     cand = arch.candidate().train()
-    _backward(arch, cand, False, prep["cand_routers"])
+    _backward(arch, cand, False)
     params = dict(cand.named_parameters(remove_duplicate=False))
     shared = [k for k, disk in prep["disk_names"].items() if disk and all(training.group_of(d) == "shared" for d in disk)]
     record(figures={"shared_tensors": len(shared)})
@@ -180,7 +176,7 @@ def test_correction_bias_gets_no_gradient(arch, record):
         arch.fail("capabilities say correction bias, but no candidate tensor converts to the reference routers' "
                     f"bias keys {sorted(prep['bias_keys'])[:2]}", [])
     cand = arch.candidate().train()
-    _backward(arch, cand, False, prep["cand_routers"])
+    _backward(arch, cand, False)
     problems = []
     for n in names:
         t = training.candidate_tensor(cand, n)
@@ -223,8 +219,7 @@ def _router_logits(arch):
     batch = data.collate(tokenizer.load(), data.texts(BATCH_SIZE, arch.case_seed + 1)).to(arch.device)
     assert not batch.valid.all(), "the balancing batch must contain padding"
     ref, cand = arch.reference(), arch.candidate()
-    ref_tap = training.RouterTap(ref, training.router_names(arch, "ref", ref))
-    cand_tap = training.RouterTap(cand, prep["cand_routers"])
+    ref_tap, cand_tap = training.routing_tap(arch, ref, "ref"), training.routing_tap(arch, cand, "cand")
     with torch.no_grad(), ref_tap(), cand_tap():
         out = ref(**batch.kwargs, use_cache=False, output_router_logits=arch.spec.capabilities.aux_loss)
         cand(**batch.kwargs)
@@ -338,20 +333,21 @@ def test_aux_loss_free_balancing(arch, record):
     E, k = arch.num_experts, arch.model_config.num_experts_per_tok
     profile = tolerances.profile("router_grad", "float32", arch.spec.tolerances)
     cand = arch.candidate().train()
-    found = training.selection_biases(cand, prep["cand_routers"], E)
+    tap = training.routing_tap(arch, cand, "cand")
+    found = training.selection_biases(arch, cand, "cand")
     if any(f is None for f in found):
-        arch.fail("a router has no selection bias tensor of shape [E] (on the router or its MoE block)",
-              [r for r, f in zip(prep["cand_routers"], found) if f is None])
+        arch.fail("an MoE layer has no candidate tensor that converts to the reference's selection bias",
+                  [f"layer {l.layer} ({l.router or l.experts})" for l, f in zip(tap.layers, found) if f is None])
     biases = [f[1] for f in found]
-    tap = training.RouterTap(cand, prep["cand_routers"])
+    names = [f[0] for f in found]
     batch = prep["batch"]
     imbalance, problems = [], []
-    with training.force_route(cand, prep["cand_routers"], list(range(k)), E, offset=SKEW):
+    with training.force_route(arch, cand, "cand", list(range(k)), offset=SKEW):
         for step in range(BALANCE_STEPS):
             training.lm_backward(cand, batch, False, tap)
             layer_loads = [training.loads(idx, E, batch.valid) for idx in tap.indices]
             imbalance.append(training.health(layer_loads)["load_imbalance"])
-            for name, b in zip(prep["cand_routers"], biases):
+            for name, b in zip(names, biases):
                 if b.requires_grad or (b.grad is not None and b.grad.abs().max() > 0):
                     problems.append(f"{name} selection bias receives gradient at step {step}")
             for b, load in zip(biases, layer_loads):

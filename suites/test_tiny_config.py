@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from moe_conformance import tolerances
+from moe_conformance import routing, tolerances
 from moe_conformance.compare import run_reference
-from moe_conformance.features import LIVENESS_FACTOR, ablated_reference, choice_margins, router_outputs
+from moe_conformance.features import LIVENESS_FACTOR, ablated_reference
+from moe_conformance.probing import RoutingTap
 from moe_conformance.tiny import INPUT_CASES
+from moe_conformance.training import selection_biases
 
 # A top-k decision closer than this could flip between CPUs (fp32 noise on router scores is
 # ~1e-7); the tiny models' seeds and inputs are chosen to stay clear of it.
@@ -58,17 +60,22 @@ def test_logits_peaky(arch, record):
 
 
 def _routing(arch):
-    routers = [p.ref for p in arch.module_pairs() if p.role == "router"]
-    model, state, cfg = arch.reference(), arch.reference_state, arch.model_config
-    per_router = {r: [] for r in routers}
+    """Per MoE layer of the reference: (router logits, chosen experts, selection bias) of the
+    valid tokens of every input case."""
+    model = arch.reference()
+    tap = RoutingTap(model, arch, "ref")
+    biases = selection_biases(arch, model, "ref")
+    per_layer = {l.router: [] for l in tap.layers}
     for name in INPUT_CASES:
         batch = arch.batches[name]
-        for router, (logits, _, indices) in router_outputs(model, batch, routers).items():
-            valid = batch.valid.flatten()
-            bias = state.get(f"{router}.e_score_correction_bias", state.get(f"{router.rpartition('.')[0]}.e_score_correction_bias"))
-            bias = None if bias is None else bias.to(logits.device)
-            per_router[router].append((logits[valid], indices[valid], bias))
-    return {r: chunks for r, chunks in per_router.items() if chunks}, cfg
+        with torch.no_grad(), tap():
+            run_reference(model, batch)
+        valid = batch.valid.flatten()
+        for layer, reading, bias in zip(tap.layers, tap.ordered(), biases):
+            b = None if bias is None else bias[1].to(reading.logits.device)
+            per_layer[layer.router].append((reading.logits.reshape(-1, reading.logits.shape[-1])[valid],
+                                            reading.indices.reshape(-1, reading.indices.shape[-1])[valid], b))
+    return {r: chunks for r, chunks in per_layer.items() if chunks}, arch.model_config
 
 
 def test_every_expert_routed(arch, record):
@@ -86,11 +93,12 @@ def test_every_expert_routed(arch, record):
 
 def test_routing_margins(arch, record):
     per_router, cfg = _routing(arch)
+    caps = arch.spec.capabilities
+    oracle = routing.from_config(cfg, caps.router_scoring, caps.correction_bias)
     worst = {}
     for router, chunks in per_router.items():
         for logits, _, bias in chunks:
-            margins = choice_margins(logits, bias, cfg.num_experts_per_tok, getattr(cfg, "n_group", 1) or 1,
-                                     getattr(cfg, "topk_group", 1) or 1, arch.spec.capabilities.router_scoring)
+            margins = oracle.margins(logits, routing.top_k(cfg), bias)
             for kind, m in margins.items():
                 worst[f"{router}.{kind}"] = min(worst.get(f"{router}.{kind}", math.inf), float(m.min()))
     record(figures={"min_margin": min(worst.values())}, thresholds={"min_margin": MIN_ROUTING_MARGIN})

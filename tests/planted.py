@@ -14,8 +14,8 @@ import torch
 
 from moe_conformance.convert import KeyMapConverter, StackExperts
 from moe_conformance.convert import Transform
-from moe_conformance.modeling import MoETransformer, native_candidate
-from moe_conformance.modeling.moe_transformer import MoE, GQAttention, MLAttention, RMSNorm, Router
+from moe_conformance.native import MoETransformer, native_candidate
+from moe_conformance.native.model import MoE, GQAttention, MLAttention, RMSNorm, Router
 from moe_conformance.registry import discover
 
 
@@ -278,7 +278,7 @@ BUGS = {
 
 
 def _yarn(hf):
-    from moe_conformance.modeling import from_hf
+    from moe_conformance.native import from_hf
 
     return from_hf(hf, attention="mla", router_scoring="sigmoid").yarn
 

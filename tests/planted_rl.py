@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from moe_conformance import engines, rl
-from moe_conformance.modeling.moe_transformer import Router
+from moe_conformance.native.model import Router
 from planted import base_spec
 
 

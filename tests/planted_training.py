@@ -15,7 +15,7 @@ import types
 import torch
 
 from moe_conformance import training
-from moe_conformance.modeling.moe_transformer import MoE, Router
+from moe_conformance.native.model import MoE, Router
 from planted import _each, _patched, base_spec
 
 

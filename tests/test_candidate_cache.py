@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_conformance.case import ArchCase
-from moe_conformance.modeling import KVCache
+from moe_conformance.native import KVCache
 from moe_conformance.registry import discover
 
 

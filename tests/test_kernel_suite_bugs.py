@@ -10,7 +10,7 @@ from helpers import checks_by_name, run_suites
 
 BROKEN_KERNEL = textwrap.dedent("""
     import dataclasses
-    from moe_conformance.kernels import triton_moe
+    from moe_conformance.native.kernels import triton_moe
     from moe_conformance.registry import discover
 
     _real = triton_moe.moe_experts_triton

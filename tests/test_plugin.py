@@ -65,7 +65,7 @@ def test_header_names_what_is_under_test(pytester):
     result.stdout.fnmatch_lines([
         "moe-conformance: torch *, transformers *, triton *; device cpu; seed 0; *",
         "*arch kimi_k25 (*kimi_k25.py): reference transformers.DeepseekV3ForCausalLM(Kimi_K25Config.text_config), "
-        "candidate moe_conformance.modeling.MoETransformer (mla, sigmoid router), variants faithful, grouped_yarn",
+        "candidate moe_conformance.native.MoETransformer (mla, sigmoid router), variants faithful, grouped_yarn",
     ])
 
 

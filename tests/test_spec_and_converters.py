@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from moe_conformance.convert import ConversionError, deepseek_style
+from moe_conformance.convert import ConversionError
+from moe_conformance.native import native_converter
 from moe_conformance.registry import discover
 from moe_conformance.spec import Capabilities, SpecError, Variant, validate
 
@@ -43,7 +44,7 @@ def _tiny_checkpoint():
 
 
 def test_converter_roundtrip_and_stacking_order():
-    conv = deepseek_style("gqa")
+    conv = native_converter("gqa")
     sd = _tiny_checkpoint()
     cand = conv.to_candidate(sd)
     assert cand["layers.0.moe.experts.w1"].shape == (3, 2, 4)
@@ -56,11 +57,11 @@ def test_converter_names_a_missing_expert():
     sd = _tiny_checkpoint()
     del sd["model.layers.0.mlp.experts.1.down_proj.weight"]
     with pytest.raises(ConversionError, match=r"layers.0.moe.experts.w2: checkpoint lacks expert\(s\) \[1\]"):
-        deepseek_style("gqa").to_candidate(sd)
+        native_converter("gqa").to_candidate(sd)
 
 
 def test_converter_names_unexpected_keys_both_ways():
-    conv = deepseek_style("gqa")
+    conv = native_converter("gqa")
     with pytest.raises(ConversionError, match="no conversion rule for checkpoint key.*model.layers.0.mlp.router_jitter"):
         conv.to_candidate({**_tiny_checkpoint(), "model.layers.0.mlp.router_jitter": torch.zeros(1)})
     with pytest.raises(ConversionError, match="no conversion rule for candidate key.*layers.0.moe.mystery"):
@@ -68,7 +69,7 @@ def test_converter_names_unexpected_keys_both_ways():
 
 
 def test_disk_prefix_applies_both_ways():
-    conv = deepseek_style("mla", disk_prefix="language_model.")
+    conv = native_converter("mla", disk_prefix="language_model.")
     sd = {"language_model." + k: v for k, v in _tiny_checkpoint().items()}
     assert set(conv.to_hf(conv.to_candidate(sd))) == set(sd)
     with pytest.raises(ConversionError):

@@ -27,7 +27,7 @@ def device():
 @pytest.fixture
 def require():
     """require(backend, dtype): skip (with the reason) where that backend cannot run here."""
-    from moe_conformance.kernels.checks import backend_available
+    from moe_conformance.kernel_checks.checks import backend_available
 
     def _require(backend, dtype=torch.float32):
         ok, why = backend_available(backend, DEVICE, dtype)

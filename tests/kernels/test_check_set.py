@@ -4,8 +4,8 @@ import time
 
 import torch
 
-from moe_conformance.kernels import checks
-from moe_conformance.kernels.strategies import RoutingConfig
+from moe_conformance.kernel_checks import checks
+from moe_conformance.kernel_checks.strategies import RoutingConfig
 
 
 def test_kernel_check_set_for_one_arch_passes_and_reports_figures(device):

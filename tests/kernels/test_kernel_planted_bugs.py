@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_conformance.kernels import checks, torch_backend
-from moe_conformance.kernels.strategies import ExpertsCase, RouteCase, RoutingConfig
+from moe_conformance.kernel_checks import checks
+from moe_conformance.native.kernels import torch_backend
+from moe_conformance.kernel_checks.strategies import ExpertsCase, RouteCase, RoutingConfig
 
 FP32 = torch.float32
 CASE = ExpertsCase(7, 19, 13, 6, 3, "some_empty", seed=3)
@@ -39,7 +40,7 @@ def lifted_error(monkeypatch, fn, *args, **kwargs):
 @pytest.fixture
 def triton_moe(require):
     require("triton")
-    from moe_conformance.kernels import triton_moe
+    from moe_conformance.native.kernels import triton_moe
 
     return triton_moe
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from moe_conformance import kernels
-from moe_conformance.kernels import checks
-from moe_conformance.kernels.reference import experts_reference, route_reference
-from moe_conformance.kernels.strategies import (
+from moe_conformance.native import kernels
+from moe_conformance.kernel_checks import checks
+from moe_conformance.kernel_checks.reference import experts_reference, route_reference
+from moe_conformance.kernel_checks.strategies import (
     CI_SETTINGS, ExpertsCase, RouteCase, RoutingConfig, edge_cases, experts_cases, route_cases,
 )
 
@@ -172,15 +172,15 @@ def test_validation_errors():
 
 
 def test_import_is_cheap_and_triton_is_lazy():
-    code = ("import sys, moe_conformance.kernels as k, moe_conformance.kernels.checks, "
-            "moe_conformance.kernels.strategies; print('triton' in sys.modules)")
+    code = ("import sys, moe_conformance.native.kernels as k, moe_conformance.kernel_checks.checks, "
+            "moe_conformance.kernel_checks.strategies; print('triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_missing_triton_gives_a_clear_error():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, moe_conformance.kernels as k\n"
+            "import torch, moe_conformance.native.kernels as k\n"
             "try:\n    k.route(torch.randn(2, 4), scoring='softmax', top_k=1, backend='triton')\n"
             "except ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,6 +1,6 @@
-"""Run these kernels inside a transformers model: an experts implementation registered in
-transformers' ``ALL_EXPERTS_FUNCTIONS``, so ``config._experts_implementation = NAME`` makes every
-experts module of a reference model dispatch here.
+"""Run a kernel subject's experts inside a transformers model: an experts implementation
+registered in transformers' ``ALL_EXPERTS_FUNCTIONS``, so ``config._experts_implementation = NAME``
+makes every experts module of a reference model dispatch to the kernels under test.
 
 transformers keeps most archs' experts fused in memory: ``gate_up_proj`` [E, 2I, H] (gate rows,
 then up rows) and ``down_proj`` [E, H, I]. Layouts the kernels do not compute (transposed,
@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from . import moe_experts
+from .subjects import KernelSubject, resolve
 
 NAME = "moe_conformance_{backend}"
 
@@ -34,21 +34,22 @@ def supports(experts: torch.nn.Module) -> str | None:
     return None
 
 
-def _forward(self, hidden_states, top_k_index, top_k_weights, *, backend: str):
+def _forward(self, hidden_states, top_k_index, top_k_weights, *, subject: KernelSubject):
     why = supports(self)
     if why:
         raise UnsupportedExperts(why)
     intermediate = self.gate_up_proj.shape[1] // 2
     w_gate, w_up = self.gate_up_proj[:, :intermediate], self.gate_up_proj[:, intermediate:]
-    return moe_experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gate, w_up,
-                       self.down_proj, backend=backend)
+    return subject.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gate, w_up,
+                           self.down_proj)
 
 
-def register(backend: str = "triton") -> str:
-    """Register the kernels for ``backend`` as a transformers experts implementation; returns
-    the name to put in ``config._experts_implementation``."""
+def register(kernels: str | KernelSubject = "triton") -> str:
+    """Register a subject's experts as a transformers experts implementation; returns the name
+    to put in ``config._experts_implementation``."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    name = NAME.format(backend=backend)
-    ALL_EXPERTS_FUNCTIONS.register(name, partial(_forward, backend=backend))
+    subject = resolve(kernels)
+    name = NAME.format(backend=subject.name)
+    ALL_EXPERTS_FUNCTIONS.register(name, partial(_forward, subject=subject))
     return name

@@ -12,9 +12,9 @@ Public API (the native candidate models call these with a user-chosen backend):
     poisoned_outputs()  context manager: kernel outputs start as NaN (checks use it)
 
 Backends: "torch" (vectorised torch, `torch._grouped_mm` where it applies; the default) and
-"triton" (kernels in `triton_moe.py`, imported only when asked for). The slow loop references
-live in `reference.py`, the conformance checks in `checks.py`, the hypothesis strategies in
-`strategies.py`. Importing this package does not import triton.
+"triton" (kernels in `triton_moe.py`, imported only when asked for). Each is also declared as a
+`KernelSubject` (TORCH, TRITON) so the conformance kernel check set (moe_conformance.kernel_checks)
+tests them like any team's kernels. Importing this package does not import triton.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def backend_module(backend: str):
             return importlib.import_module(".triton_moe", __name__)
         except ImportError as exc:
             raise ImportError(
-                f"moe_conformance.kernels backend='triton' is unavailable: {exc}. "
+                f"moe_conformance.native.kernels backend='triton' is unavailable: {exc}. "
                 "Install the 'triton' package, or use backend='torch'."
             ) from exc
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -140,3 +140,44 @@ def moe_experts(
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must be [T={T}, K]")
     module = backend_module(backend)
     return getattr(module, f"moe_experts_{backend}")(x, indices, weights, w_gate, w_up, w_down)
+
+
+# ---- the native kernels as subjects of the conformance kernel check set
+
+
+def _triton_interpreting() -> bool:
+    """True when triton's own jit functions (tl.max...) were built for the interpreter, which
+    happens only if TRITON_INTERPRET=1 was set before triton was first imported."""
+    import triton.language as tl
+
+    return type(tl.max).__name__ == "InterpretedFunction"
+
+
+def _triton_unavailable(device: str, dtype: torch.dtype) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the 'triton' package is not installed"
+    if torch.device(device).type == "cpu":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1" or not _triton_interpreting():
+            return ("triton on CPU needs TRITON_INTERPRET=1 set before the first `import triton` in the process "
+                    "(set it in the environment)")
+        if dtype == torch.bfloat16:
+            return "bf16 gives garbage under the Triton interpreter; bf16 runs on a GPU"
+    return None
+
+
+def _subject(backend: str, **kw):
+    from functools import partial
+
+    from moe_conformance.kernel_checks.subjects import KernelSubject
+
+    return KernelSubject(
+        name=backend, route=partial(route, backend=backend), permute=partial(permute, backend=backend),
+        combine=partial(combine, backend=backend), experts=partial(moe_experts, backend=backend), **kw)
+
+
+TORCH = _subject("torch")
+TRITON = _subject("triton", unavailable=_triton_unavailable)

@@ -72,7 +72,7 @@ class MoEConfig:
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     tie_embeddings: bool = False
-    experts_backend: str = "torch"  # "torch" | "triton" (moe_conformance.kernels)
+    experts_backend: str = "torch"  # "torch" | "triton" (moe_conformance.native.kernels)
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def with_(self, **changes: Any) -> MoEConfig:

@@ -9,7 +9,7 @@ error, gate).
 
 Two habits make unwritten memory visible:
 - every output and gradient a kernel allocates is poisoned with NaN first
-  (`_alloc.poisoned_outputs`), so a row nobody wrote fails as NaN instead of passing as 0;
+  (`subjects.poisoned_outputs`), so a row nobody wrote fails as NaN instead of passing as 0;
 - forward and backward run twice, so state left over from the first pass (a reused
   workspace, a buffer assumed zero) shows up on the second.
 
@@ -19,14 +19,13 @@ counts as infinite). Gates are per dtype, measured with benchmarks/kernel_noise_
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from . import _alloc, combine, moe_experts, permute, route
 from .reference import combine_reference, experts_reference, permute_reference, route_reference
 from .strategies import ExpertsCase, RouteCase, RoutingConfig
+from .subjects import KernelSubject, poisoned_outputs, resolve
 
 __all__ = [
     "GATES", "gate_for", "backend_available", "check_route", "check_permutation",
@@ -64,30 +63,10 @@ def gate_for(op: str, dtype: torch.dtype) -> float:
     return GATES[(op, "any")] if (op, "any") in GATES else GATES[(op, dtype)]
 
 
-def backend_available(backend: str, device: str, dtype: torch.dtype = torch.float32):
-    """(ok, reason): whether this backend can run here at all, for skipping with a reason."""
-    if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False, "the 'triton' package is not installed"
-        if torch.device(device).type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1" or not _triton_interpreting():
-                return False, ("triton on CPU needs TRITON_INTERPRET=1 set before the first "
-                               "`import triton` in the process (set it in the environment)")
-            if dtype == torch.bfloat16:
-                return False, "bf16 gives garbage under the Triton interpreter; bf16 runs on a GPU"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        return False, "no CUDA device"
-    return True, ""
-
-
-def _triton_interpreting() -> bool:
-    """True when triton's own jit functions (tl.max...) were built for the interpreter, which
-    happens only if TRITON_INTERPRET=1 was set before triton was first imported."""
-    import triton.language as tl
-
-    return type(tl.max).__name__ == "InterpretedFunction"
+def backend_available(backend: str | KernelSubject, device: str, dtype: torch.dtype = torch.float32):
+    """(ok, reason): whether these kernels can run here at all, for skipping with a reason."""
+    why = resolve(backend).why_not(device, dtype)
+    return why is None, why or ""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -98,7 +77,8 @@ def _dtype_name(dtype) -> str:
 
 
 def _label(op, case, backend, dtype, device) -> str:
-    return f"[{op}] {case.describe()} dtype={_dtype_name(dtype)} backend={backend} device={device}"
+    name = backend.name if isinstance(backend, KernelSubject) else backend
+    return f"[{op}] {case.describe()} dtype={_dtype_name(dtype)} kernels={name} device={device}"
 
 
 def _compare(name: str, got: torch.Tensor, expected: torch.Tensor, gate: float, label: str) -> dict:
@@ -161,25 +141,16 @@ def _route_kwargs(case: RouteCase, bias):
                 routed_scaling_factor=r.routed_scaling_factor)
 
 
+def _reference_kwargs(case: RouteCase, bias):
+    return {**_route_kwargs(case, bias), "group_score": case.routing.group_score}
+
+
 def _route_near_ties(logits, bias, case: RouteCase) -> torch.Tensor:
     """Tokens whose expert or group choice is within ROUTE_TIE_MARGIN of flipping (fp64)."""
-    r = case.routing
-    x = logits.double()
-    scores = torch.softmax(x, -1) if r.scoring == "softmax" else torch.sigmoid(x)
-    choice = scores + (bias.double() if bias is not None else 0.0)
-    T, E = choice.shape
-    tied = torch.zeros(T, dtype=torch.bool)
-    if r.n_group > 1:
-        gs = choice.view(T, r.n_group, -1).topk(2, -1).values.sum(-1).sort(-1, descending=True).values
-        if r.topk_group < r.n_group:
-            tied |= (gs[:, r.topk_group - 1] - gs[:, r.topk_group]) < ROUTE_TIE_MARGIN
-        kept = choice.view(T, r.n_group, -1).topk(2, -1).values.sum(-1).topk(r.topk_group, -1).indices
-        mask = torch.zeros(T, r.n_group, dtype=torch.bool).scatter_(1, kept, True)
-        choice = choice.masked_fill(~mask.repeat_interleave(E // r.n_group, 1), float("-inf"))
-    ranked = choice.sort(-1, descending=True).values
-    if case.top_k < E:
-        nxt = ranked[:, case.top_k]
-        tied |= torch.isfinite(nxt) & ((ranked[:, case.top_k - 1] - nxt) < ROUTE_TIE_MARGIN)
+    margins = case.routing.margins(logits, case.top_k, bias.double() if bias is not None else None)
+    tied = torch.zeros(logits.shape[0], dtype=torch.bool)
+    for m in margins.values():
+        tied |= m < ROUTE_TIE_MARGIN
     return tied
 
 
@@ -189,14 +160,13 @@ def check_route(case: RouteCase, *, backend: str, device: str = "cpu",
     label = _label("route", case, backend, logits_dtype, device)
     logits, bias = make_route_inputs(case)
     logits = logits.to(logits_dtype)
-    exp_w, exp_i = route_reference(logits, **_route_kwargs(case, bias))
+    exp_w, exp_i = route_reference(logits, **_reference_kwargs(case, bias))
     tied = _route_near_ties(logits, bias, case)
     keep = ~tied
     figures = {}
     for run in (1, 2):
-        with _alloc.poisoned_outputs():
-            w, i = route(logits.to(device), **_route_kwargs(case, bias.to(device) if bias is not None else None),
-                         backend=backend)
+        with poisoned_outputs():
+            w, i = resolve(backend).route(logits.to(device), **_route_kwargs(case, bias.to(device) if bias is not None else None))
         if w.dtype != torch.float32 or i.dtype != torch.int64:
             raise AssertionError(f"{label}: route returned {w.dtype}/{i.dtype}, expected float32/int64")
         w, i = w.cpu(), i.cpu()
@@ -254,8 +224,8 @@ def check_permutation(case: ExpertsCase, *, backend: str, device: str = "cpu") -
     indices = make_experts_indices(case)
     expected = permute_reference(indices, case.num_experts)
     for run in (1, 2):
-        with _alloc.poisoned_outputs():
-            perm = permute(indices.to(device), case.num_experts, backend=backend)
+        with poisoned_outputs():
+            perm = resolve(backend).permute(indices.to(device), case.num_experts)
         for name, got, exp in zip(perm._fields, perm, expected):
             _exact(f"{name} (run {run})", got, exp, label)
     return _result("permute", case, backend, torch.int64, device, {})
@@ -274,9 +244,10 @@ def check_combine(case: ExpertsCase, *, backend: str, dtype: torch.dtype, device
     expected = combine_reference(y_sorted, perm_ref[3], weights)
     figures = {}
     for run in (1, 2):
-        perm = permute(indices.to(device), case.num_experts, backend=backend)
-        with _alloc.poisoned_outputs():
-            out = combine(y_sorted.to(device), perm, weights.to(device), backend=backend)
+        subject = resolve(backend)
+        perm = subject.permute(indices.to(device), case.num_experts)
+        with poisoned_outputs():
+            out = subject.combine(y_sorted.to(device), perm, weights.to(device))
         figures = {"out": _compare(f"out (run {run})", out, expected, gate_for("combine", dtype), label)}
     return _result("combine", case, backend, dtype, device, figures)
 
@@ -300,8 +271,8 @@ def check_experts(case: ExpertsCase, *, backend: str, dtype: torch.dtype, device
     figures = {}
     for run in (1, 2):
         ins = [t.detach().to(device, copy=True).requires_grad_() for t in (x, weights, w_gate, w_up, w_down)]
-        with _alloc.poisoned_outputs():
-            out = moe_experts(ins[0], indices.to(device), *ins[1:], backend=backend)
+        with poisoned_outputs():
+            out = resolve(backend).experts(ins[0], indices.to(device), *ins[1:])
             if out.dtype != dtype:
                 raise AssertionError(f"{label}: output dtype {out.dtype}, expected {dtype}")
             out.backward(grad_out.to(device))
@@ -322,7 +293,8 @@ def check_experts(case: ExpertsCase, *, backend: str, dtype: torch.dtype, device
 
 def _result(op, case, backend, dtype, device, figures, **extra) -> dict:
     worst = max((f["max_error"] for f in figures.values()), default=0.0)
-    return {"op": op, "case": case.describe(), "backend": backend, "dtype": _dtype_name(dtype),
+    name = backend.name if isinstance(backend, KernelSubject) else backend
+    return {"op": op, "case": case.describe(), "backend": name, "dtype": _dtype_name(dtype),
             "device": str(device), "max_error": worst,
             "gate": min((f["gate"] for f in figures.values()), default=None),
             "tensors": figures, **extra}
@@ -352,49 +324,55 @@ def run_kernel_checks(routing: RoutingConfig | None = None, *, backends=("torch"
     experts_strategy = experts_cases(routing)
 
     for backend in backends:
-        ok, why = backend_available(backend, device)
+        subject = resolve(backend)
+        stages = subject.stages()
+        ok, why = backend_available(subject, device)
         if not ok:
             if not skip_unavailable:
-                raise RuntimeError(f"backend {backend} unavailable on {device}: {why}")
-            results.append({"op": "*", "backend": backend, "device": device, "skipped": why})
+                raise RuntimeError(f"kernels {subject.name} unavailable on {device}: {why}")
+            results.append({"op": "*", "backend": subject.name, "device": device, "skipped": why})
             continue
         t0 = time.perf_counter()
 
         @ci
         @given(route_strategy)
         def _route(case):
-            results.append(check_route(case, backend=backend, device=device))
+            results.append(check_route(case, backend=subject, device=device))
 
         @ci
         @given(experts_strategy)
         def _perm(case):
-            results.append(check_permutation(case, backend=backend, device=device))
+            results.append(check_permutation(case, backend=subject, device=device))
 
-        _route()
-        _perm()
+        if "route" in stages:
+            _route()
+        if "permute" in stages:
+            _perm()
         for dtype in dtypes:
-            ok, why = backend_available(backend, device, dtype)
+            ok, why = backend_available(subject, device, dtype)
             if not ok:
-                results.append({"op": "*", "backend": backend, "dtype": _dtype_name(dtype),
+                results.append({"op": "*", "backend": subject.name, "dtype": _dtype_name(dtype),
                                 "device": device, "skipped": why})
                 continue
 
             @ci
             @given(experts_strategy)
             def _experts(case):
-                results.append(check_experts(case, backend=backend, dtype=dtype, device=device))
+                results.append(check_experts(case, backend=subject, dtype=dtype, device=device))
 
             @ci
             @given(experts_strategy)
             def _combine(case):
-                results.append(check_combine(case, backend=backend, dtype=dtype, device=device))
+                results.append(check_combine(case, backend=subject, dtype=dtype, device=device))
 
-            edges = edge_cases(routing)
-            # shapes are covered in the first dtype; later dtypes re-check the two skewed loads
-            for case in edges if dtype == dtypes[0] else edges[1:3]:
-                results.append(check_experts(case, backend=backend, dtype=dtype, device=device))
-            _experts()
-            _combine()
-        results.append({"op": "*", "backend": backend, "device": device,
+            if "experts" in stages:
+                edges = edge_cases(routing)
+                # shapes are covered in the first dtype; later dtypes re-check the two skewed loads
+                for case in edges if dtype == dtypes[0] else edges[1:3]:
+                    results.append(check_experts(case, backend=subject, dtype=dtype, device=device))
+                _experts()
+            if "combine" in stages and "permute" in stages:
+                _combine()
+        results.append({"op": "*", "backend": subject.name, "device": device, "stages": list(stages),
                         "seconds": time.perf_counter() - t0})
     return results

@@ -4,24 +4,16 @@ Everything here is written for reading, not speed: Python loops over tokens or e
 fused tricks, math in the input dtype promoted to at least fp32 (pass fp64 tensors to get an
 fp64 reference). The checks in `checks.py` compare every backend against these functions.
 
-The routing semantics follow transformers:
-- softmax routers (Mixtral, Qwen3-MoE, OLMoE): softmax over *all* experts, top-k of the
-  probabilities, optional renormalisation of the k chosen probabilities;
-- sigmoid routers (DeepseekV3TopkRouter, Kimi K2, GLM-4.5): sigmoid scores; the correction
-  bias is added to a *copy* used only for choosing experts; group-limited choice keeps the
-  `topk_group` groups whose score (sum of the group's two largest biased scores) is largest
-  and sets every other expert to -inf; the weights are the *unbiased* scores of the chosen
-  experts, optionally renormalised (denominator + 1e-20), then times routed_scaling_factor.
-
-Ties are broken towards the lower expert index (Python's sort is stable), which is also what
-the Triton kernel does; torch.topk makes no promise, so checks skip near-tied tokens.
+Routing is the project's one routing oracle (moe_conformance.routing, transformers' semantics)
+in fp64. Ties are broken towards the lower expert index (a stable sort), which is also what the
+Triton kernel does; torch.topk makes no promise, so checks skip near-tied tokens.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ..routing import Routing
 
 __all__ = [
     "route_reference",
@@ -29,10 +21,6 @@ __all__ = [
     "combine_reference",
     "experts_reference",
 ]
-
-
-def _sigmoid(v: float) -> float:
-    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
 
 
 def route_reference(
@@ -45,45 +33,13 @@ def route_reference(
     topk_group: int = 1,
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    group_score: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route one token at a time in Python floats (fp64). Returns (weights fp64, indices int64)."""
-    T, E = router_logits.shape
-    logits = router_logits.detach().to("cpu", torch.float64).tolist()
-    bias = (
-        correction_bias.detach().to("cpu", torch.float64).tolist()
-        if correction_bias is not None
-        else [0.0] * E
-    )
-    group_size = E // n_group
-    out_w, out_i = [], []
-    for row in logits:
-        if scoring == "softmax":
-            m = max(row)
-            ex = [math.exp(v - m) for v in row]
-            s = sum(ex)
-            scores = [v / s for v in ex]
-        elif scoring == "sigmoid":
-            scores = [_sigmoid(v) for v in row]
-        else:
-            raise ValueError(scoring)
-        choice = [s + b for s, b in zip(scores, bias)]
-        if n_group > 1:
-            group_score = []
-            for g in range(n_group):
-                members = sorted(choice[g * group_size:(g + 1) * group_size], reverse=True)
-                group_score.append(members[0] + members[1])
-            kept = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
-            choice = [c if (e // group_size) in kept else -math.inf for e, c in enumerate(choice)]
-        chosen = sorted(range(E), key=lambda e: -choice[e])[:top_k]
-        w = [scores[e] for e in chosen]
-        if norm_topk_prob:
-            denom = sum(w) + 1e-20
-            w = [v / denom for v in w]
-        out_w.append([v * routed_scaling_factor for v in w])
-        out_i.append(chosen)
-    weights = torch.tensor(out_w, dtype=torch.float64).reshape(T, top_k)
-    indices = torch.tensor(out_i, dtype=torch.int64).reshape(T, top_k)
-    return weights, indices
+    """The routing oracle (moe_conformance.routing) in fp64 on the CPU: (weights fp64, indices int64)."""
+    routing = Routing(scoring=scoring, n_group=n_group, topk_group=topk_group, group_score=group_score,
+                      norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor)
+    bias = None if correction_bias is None else correction_bias.detach().to("cpu", torch.float64)
+    return routing.route(router_logits.detach().to("cpu", torch.float64), top_k, bias)
 
 
 def permute_reference(indices: torch.Tensor, num_experts: int):

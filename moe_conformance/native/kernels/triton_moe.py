@@ -1,6 +1,6 @@
 """Triton kernels for the MoE layer: routing, permutation, grouped GEMMs, combine.
 
-This is the only module that imports triton; `moe_conformance.kernels` imports it lazily when
+This is the only module that imports triton; `moe_conformance.native.kernels` imports it lazily when
 backend="triton" is asked for. On CPU the kernels run under TRITON_INTERPRET=1 (fp32/fp16
 only: bf16 is wrong under the interpreter).
 

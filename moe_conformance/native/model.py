@@ -321,7 +321,7 @@ class Experts(nn.Module):
         return F.silu(gate) * up
 
     def kernel_unsupported(self) -> str | None:
-        """Why moe_conformance.kernels cannot compute these experts (None: they can)."""
+        """Why the native kernels cannot compute these experts (None: they can)."""
         if hasattr(self, "b1"):
             return "experts with biases"
         if self.cfg.activation != "swiglu":
@@ -333,7 +333,7 @@ class Experts(nn.Module):
             why = self.kernel_unsupported()
             if why:
                 raise ValueError(f"experts backend {self.backend!r} does not compute {why}")
-            from moe_conformance.kernels import moe_experts
+            from .kernels import moe_experts
 
             return moe_experts(x_TH, indices_TK, weights_TK, self.w1, self.w3, self.w2, backend=self.backend)
         biased = hasattr(self, "b1")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from ..routing import Routing
+
 __all__ = [
     "RoutingConfig", "RouteCase", "ExpertsCase", "DISTRIBUTIONS", "CI_PROFILE", "CI_SETTINGS",
     "routing_configs", "route_cases", "experts_cases", "edge_cases",
@@ -27,22 +29,8 @@ __all__ = [
 DISTRIBUTIONS = ("random", "some_empty", "all_on_one", "one_token")
 
 
-@dataclass(frozen=True)
-class RoutingConfig:
-    """The routing knobs of an architecture (what `route` takes besides the logits)."""
-
-    scoring: str = "softmax"
-    n_group: int = 1
-    topk_group: int = 1
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
-    has_correction_bias: bool = False
-
-    def describe(self) -> str:
-        s = f"{self.scoring} norm={self.norm_topk_prob} scale={self.routed_scaling_factor:g}"
-        if self.n_group > 1:
-            s += f" groups={self.topk_group}/{self.n_group}"
-        return s + (" +bias" if self.has_correction_bias else "")
+# The routing knobs of an architecture: the routing oracle's record.
+RoutingConfig = Routing
 
 
 @dataclass(frozen=True)

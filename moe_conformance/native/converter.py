@@ -1,0 +1,129 @@
+"""The native candidate's converter and probes: transformers' on-disk naming <-> the native
+model's own names, declared with the library's rules like any team's converter.
+
+One builder covers every built-in arch, along the few dimensions in which their checkpoints
+differ: GQA or MLA attention; the MoE block's on-disk name (``mlp``; Mixtral/MiniMax
+``block_sparse_moe``) and its router's (``gate``; gpt-oss ``router``); experts per expert under
+(gate, up, down) names or gpt-oss's fused interleaved ``gate_up_proj``; where the correction bias
+sits; shared experts and an optional shared-expert gate; dense layers as ``mlp.*_proj``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_conformance.contract import ModulePair
+from moe_conformance.convert import (
+    GATE_UP_SWAPPED,
+    INTERLEAVE_READ_AS_HALVES,
+    SWIGLU_NAMES,
+    KeyMapConverter,
+    Rename,
+    StackExperts,
+    Transform,
+    concatenated_misread,
+    swap_expert_names,
+    swap_interleaved,
+)
+
+_ATTENTION = {
+    "gqa": {
+        "q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+        "q_norm": "q_norm", "k_norm": "k_norm",
+    },
+    "mla": {
+        "q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
+        "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo",
+    },
+}
+_CAND_PROJ = ("w1", "w3", "w2")  # the native model's gate, up, down
+
+
+def _interleaved_split(t):  # [E, H, 2I] (gate, up interleaved) -> gate, up as [E, I, H]
+    t = t.transpose(-1, -2)
+    return t[:, 0::2].contiguous(), t[:, 1::2].contiguous()
+
+
+def _interleaved_join(gate, up):
+    return torch.stack((gate, up), dim=2).flatten(1, 2).transpose(-1, -2).contiguous()
+
+
+def _interleaved_bias_split(t):  # [E, 2I] -> [E, I], [E, I]
+    return t[:, 0::2].contiguous(), t[:, 1::2].contiguous()
+
+
+def _interleaved_bias_join(gate, up):
+    return torch.stack((gate, up), dim=2).flatten(1, 2).contiguous()
+
+
+def native_converter(
+    attention: str = "gqa",
+    *,
+    moe: str = "mlp",
+    router: str = "gate",
+    experts: tuple[str, str, str] | str = SWIGLU_NAMES,
+    correction_bias_at: str = "router",
+    shared: str = "shared_experts",
+    shared_gate: str | None = None,
+    disk_prefix: str = "",
+) -> KeyMapConverter:
+    L, C = "model.layers.{i}", "layers.{i}"
+    M = f"{L}.{moe}"
+    bias_key = f"{M}.{router}.e_score_correction_bias" if correction_bias_at == "router" else f"{M}.e_score_correction_bias"
+    rules: list = [
+        Rename("model.embed_tokens.weight", "tok_embeddings.weight"),
+        Rename("model.norm.weight", "norm.weight"),
+        Rename("lm_head.weight", "output.weight"),
+        Rename(f"{L}.input_layernorm.weight", f"{C}.attention_norm.weight"),
+        Rename(f"{L}.post_attention_layernorm.weight", f"{C}.ffn_norm.weight"),
+        Rename(f"{L}.self_attn.sinks", f"{C}.attention.sinks"),
+        Rename(f"{M}.{router}.weight", f"{C}.moe.router.gate.weight"),
+        Rename(f"{M}.{router}.bias", f"{C}.moe.router.gate.bias"),
+        Rename(bias_key, f"{C}.moe.router.expert_bias"),
+        Rename(f"{M}.{shared}.gate_proj.weight", f"{C}.moe.shared_experts.w1.weight"),
+        Rename(f"{M}.{shared}.up_proj.weight", f"{C}.moe.shared_experts.w3.weight"),
+        Rename(f"{M}.{shared}.down_proj.weight", f"{C}.moe.shared_experts.w2.weight"),
+    ]
+    if shared_gate:
+        rules.append(Rename(f"{M}.{shared_gate}.weight", f"{C}.moe.shared_gate.weight"))
+    for hf, cand in _ATTENTION[attention].items():
+        rules += [Rename(f"{L}.self_attn.{hf}.{t}", f"{C}.attention.{cand}.{t}") for t in ("weight", "bias")]
+    if experts == "fused_interleaved":
+        E = f"{M}.experts"
+        rules += [
+            Transform(f"{E}.gate_up_proj", (f"{C}.moe.experts.w1", f"{C}.moe.experts.w3"), _interleaved_split, _interleaved_join),
+            Transform(f"{E}.gate_up_proj_bias", (f"{C}.moe.experts.b1", f"{C}.moe.experts.b3"),
+                      _interleaved_bias_split, _interleaved_bias_join),
+            Transform(f"{E}.down_proj", (f"{C}.moe.experts.w2",), lambda t: (t.transpose(-1, -2).contiguous(),),
+                      lambda w2: w2.transpose(-1, -2).contiguous()),
+            Rename(f"{E}.down_proj_bias", f"{C}.moe.experts.b2"),
+        ]
+        misreadings = {GATE_UP_SWAPPED: swap_interleaved, INTERLEAVE_READ_AS_HALVES: concatenated_misread}
+    else:
+        rules += [StackExperts(f"{M}.experts.{{e}}.{hf}.weight", f"{C}.moe.experts.{cand}") for hf, cand in zip(experts, _CAND_PROJ)]
+        misreadings = {GATE_UP_SWAPPED: swap_expert_names(experts[0], experts[1])}
+    rules += [Rename(f"{L}.mlp.{hf}.weight", f"{C}.feed_forward.{cand}.weight") for hf, cand in zip(SWIGLU_NAMES, _CAND_PROJ)]
+    return KeyMapConverter(rules, disk_prefix=disk_prefix, misreadings=misreadings)
+
+
+def native_pairs(attention: str = "gqa", *, router: str = "gate", shared: str = "shared_experts") -> list[ModulePair]:
+    """(reference, native) submodule pairs, in transformers' in-memory names (the MoE block is
+    always ``mlp`` there, whatever the on-disk name)."""
+    L, C = "model.layers.{i}", "layers.{i}"
+    R = "router" if router == "router" else "gate"
+    memory_shared = "shared_expert" if shared == "shared_expert" else "shared_experts"
+    return [
+        ModulePair("model.embed_tokens", "tok_embeddings"),
+        ModulePair(f"{L}.input_layernorm", f"{C}.attention_norm"),
+        *[ModulePair(f"{L}.self_attn.{hf}", f"{C}.attention.{cand}") for hf, cand in _ATTENTION[attention].items()],
+        ModulePair(f"{L}.self_attn", f"{C}.attention"),
+        ModulePair(f"{L}.post_attention_layernorm", f"{C}.ffn_norm"),
+        ModulePair(f"{L}.mlp.{R}", f"{C}.moe.router", role="router"),
+        ModulePair(f"{L}.mlp.experts", f"{C}.moe.experts", role="experts"),
+        ModulePair(f"{L}.mlp.{memory_shared}", f"{C}.moe.shared_experts"),
+        ModulePair(f"{L}.mlp", f"{C}.moe"),
+        ModulePair(f"{L}.mlp", f"{C}.feed_forward"),
+        ModulePair(L, C),
+        ModulePair("model.norm", "norm"),
+        ModulePair("lm_head", "output"),
+    ]
