@@ -46,6 +46,9 @@ class ArchCase:
         salt = f"/{self.variant.seed}" if self.variant.seed else ""
         self.case_seed = zlib.crc32(f"{seed}/{spec.name}/{variant}{salt}".encode())
         self._routing_fields: frozenset[str] | None = None
+        from .contract_checks import ContractStatus
+
+        self.contract = ContractStatus(self)
 
     @property
     def id(self) -> str:
@@ -163,6 +166,35 @@ class ArchCase:
                 found = set()
             self._routing_fields = frozenset(found)
         return self._routing_fields
+
+    def parity_root_cause(self) -> str | None:
+        """Why this case's candidate disagrees with the reference, when its fp32 logits do (on
+        the first input case that fails): the first diverging module and the named cause.
+        Failures of other checks in the case are grouped under it. None: parity holds."""
+        if not hasattr(self, "_root_cause"):
+            self._root_cause = None
+            from . import tolerances
+            from .compare import compare_logits, localize, run_candidate, run_reference
+            from .diagnosis import describe, name_causes
+
+            profile = tolerances.profile("logit_parity", "float32", self.spec.tolerances)
+            try:
+                ref, cand = self.reference(), self.candidate()
+                for name, batch in self.batches.items():
+                    with torch.no_grad():
+                        ref_logits, cand_logits = run_reference(ref, batch), run_candidate(cand, batch)
+                    result = compare_logits(ref_logits, cand_logits, batch.valid)
+                    if result.nan_message or profile.violations(result.figures):
+                        found = localize(self, ref, cand, batch)
+                        where = (f"first divergence at reference {found.pair.ref} <-> candidate {found.pair.cand}"
+                                 if found else "no declared module pair diverges")
+                        cause = describe(name_causes(self, batch, cand_logits, profile.gates["max_abs_logit_delta"].limit)) \
+                            if not result.nan_message else "non-finite logits"
+                        self._root_cause = f"{self.id}: logit parity fails on '{name}' inputs: {where}; {cause}"
+                        break
+            except Exception:  # noqa: BLE001 - a crash is the failing check's own message
+                self._root_cause = None
+        return self._root_cause
 
     def fail(self, what: str, problems: list[str], limit: int = 10):
         """Fail the running check with one line per problem, naming this case."""

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .convert import StackExperts
 
 
 def fingerprint(t: torch.Tensor) -> str:
@@ -58,23 +57,26 @@ def state_diff(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], 
 
 
 def expert_layout_problems(converter, disk: dict[str, torch.Tensor], cand_state: dict[str, torch.Tensor], limit: int = 6) -> list[str]:
-    """For converters built from StackExperts rules: slice e of every stacked candidate tensor
-    must hold the file's expert e, found by fingerprint (so a permutation is named)."""
-    rules = [r for r in getattr(converter, "rules", []) if isinstance(r, StackExperts)]
+    """For converters declared with StackExperts/FuseExperts rules: slice e of every stacked or
+    fused candidate tensor must hold the file's expert e (gate and up of a fused tensor each in
+    its place), found by fingerprint so that a permutation or a swap is named."""
+    sources = getattr(converter, "expert_sources", None)
+    if sources is None:
+        return []
     by_fp = {fingerprint(t): k for k, t in disk.items()}
-    prefix = getattr(converter, "disk_prefix", "")
     problems = []
-    for rule in rules:
-        pattern = re.compile("^" + re.escape(rule.cand).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-        for key, stacked in cand_state.items():
-            m = pattern.match(key)
-            if not m:
-                continue
-            for e in range(stacked.shape[0]):
-                want = prefix + rule.hf.format(i=m.groupdict().get("i"), e=e)
-                if want in disk and not torch.equal(stacked[e], disk[want]):
-                    holds = by_fp.get(fingerprint(stacked[e]), "no tensor of the file")
-                    problems.append(f"candidate {key}[{e}] holds {holds}, expected {want}")
+    for key, stacked in cand_state.items():
+        found = sources(key)
+        if found is None:
+            continue
+        rule, templates = found
+        for e in range(stacked.shape[0]):
+            for n, held in rule.expert_slices(stacked, e).items():
+                want = templates[n].format(e=e)
+                if want in disk and not torch.equal(held, disk[want]):
+                    holds = by_fp.get(fingerprint(held), "no tensor of the file")
+                    part = f" ({('gate', 'up')[n]} half)" if len(templates) == 2 else ""
+                    problems.append(f"candidate {key}[{e}]{part} holds {holds}, expected {want}")
     return problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
 
 
@@ -103,13 +105,16 @@ def load_reference(model_class, folder: Path, disk_prefix: str = "", **kwargs):
 
 
 @torch.no_grad()
-def expert_outputs(experts: torch.nn.Module, x_TH: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E, T, H]: every token sent through each expert alone with weight 1, through the
-    module's own (hidden, top_k_index, top_k_weights) interface."""
+def expert_outputs(experts: torch.nn.Module, x_TH: torch.Tensor, num_experts: int, call=None) -> torch.Tensor:
+    """[E, T, H]: every token sent through each expert alone with weight 1, through the experts
+    probe's ``call`` (default: the module's own (hidden, top_k_index, top_k_weights) interface)."""
+    from .contract import call_hidden_indices_weights
+
+    call = call or call_hidden_indices_weights
     T = x_TH.shape[0]
     weights = torch.ones(T, 1, dtype=x_TH.dtype, device=x_TH.device)
     return torch.stack([
-        experts(x_TH, torch.full((T, 1), e, dtype=torch.long, device=x_TH.device), weights) for e in range(num_experts)
+        call(experts, x_TH, torch.full((T, 1), e, dtype=torch.long, device=x_TH.device), weights) for e in range(num_experts)
     ])
 
 

@@ -259,8 +259,10 @@ def routing_pinned_delta(case, ref_model, cand_model, batch: Batch) -> float | N
     return float((ref_logits.double()[valid] - cand_logits.double()[valid]).abs().max())
 
 
-def diagnose(case, ref_model, cand_model, batch: Batch, unpinned_delta: float | None) -> str:
-    """A failure message body: first divergence, then what pinning the routing changes."""
+def diagnose(case, ref_model, cand_model, batch: Batch, unpinned_delta: float | None,
+             cand_logits: torch.Tensor | None = None, gate: float = 5e-4) -> str:
+    """A failure message body: first divergence, what pinning the routing changes, and which
+    known deviation of the reference reproduces the candidate (moe_conformance.diagnosis)."""
     lines = []
     found = localize(case, ref_model, cand_model, batch)
     if found:
@@ -282,4 +284,14 @@ def diagnose(case, ref_model, cand_model, batch: Batch, unpinned_delta: float | 
             f"routing-pinned diagnostic: with the reference's expert choices and weights forced into the candidate, "
             f"max|delta logit| goes from {unpinned_delta:.3g} to {pinned:.3g}: {verdict}"
         )
+    elif pinned is None:
+        from .probing import can_force
+
+        why = can_force(case)
+        if why:
+            lines.append(f"routing-pinned diagnostic not run: {why}")
+    if cand_logits is not None and torch.isfinite(cand_logits).all():
+        from .diagnosis import describe, name_causes
+
+        lines.append(describe(name_causes(case, batch, cand_logits, gate)))
     return "\n".join(lines)

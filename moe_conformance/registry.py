@@ -8,9 +8,11 @@ plugin turns into one errored case per selected arch, never a silent absence.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
+import os
 import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -76,16 +78,29 @@ def _specs_of(obj: object, origin: str) -> list[ArchSpec]:
     if isinstance(obj, ArchSpec):
         return [validate(obj, origin)]
     if hasattr(obj, "ARCHS"):
-        return [validate(s, origin) for s in obj.ARCHS]
+        specs = list(obj.ARCHS) if isinstance(obj.ARCHS, (list, tuple)) else None
+        if not specs:
+            raise SpecError(f"arch plugin {origin}: ARCHS must be a non-empty list of ArchSpec, got {obj.ARCHS!r}")
+        names = [getattr(s, "name", None) for s in specs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SpecError(f"arch plugin {origin}: ARCHS declares {', '.join(twice)} more than once")
+        return [validate(s, origin) for s in specs]
     if hasattr(obj, "ARCH"):
         return [validate(obj.ARCH, origin)]
     raise SpecError(f"arch plugin {origin}: defines neither ARCH nor ARCHS")
 
 
-def _import_path(path: Path):
-    module_name = f"moe_conformance_plugin_{path.stem}"
+def _import_path(path: Path, importable_folder: bool = False):
+    # the module name carries the path's hash: two plugin files with one basename both load
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    module_name = f"moe_conformance_plugin_{path.stem}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
+    # like a script: the plugin's own folder is importable, so it can import its sibling modules
+    folder = str(path.resolve().parent)
+    if importable_folder and folder not in sys.path:
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
@@ -118,10 +133,17 @@ def plugin_arg_entries(plugin_args: list[str]) -> list[ArchEntry]:
     entries = []
     for arg in plugin_args:
         path = Path(arg)
-        if arg.endswith(".py") or path.exists():
-            origin, loader, fallback = str(path), (lambda path=path: _import_path(path.resolve())), path.stem
-        else:
+        looks_like_path = arg.endswith(".py") or os.sep in arg or "/" in arg
+        if path.is_dir():
+            raise PluginArgumentError(f"--arch-plugin {arg}: is a directory; give a plugin .py file or an importable module")
+        if looks_like_path and not path.exists():
+            raise PluginArgumentError(f"--arch-plugin {arg}: no such file")
+        if path.exists():
+            origin, loader, fallback = str(path), (lambda path=path: _import_path(path.resolve(), True)), path.stem
+        elif all(part.isidentifier() for part in arg.split(".")):
             origin, loader, fallback = f"module {arg}", (lambda arg=arg: importlib.import_module(arg)), arg.rsplit(".", 1)[-1]
+        else:
+            raise PluginArgumentError(f"--arch-plugin {arg!r}: neither a .py file nor an importable module name")
         try:
             loaded = loader()
             specs = _specs_of(loaded, origin)
@@ -133,13 +155,28 @@ def plugin_arg_entries(plugin_args: list[str]) -> list[ArchEntry]:
 
 
 def discover(plugin_args: list[str] = ()) -> tuple[dict[str, ArchEntry], list[str]]:
-    """All known archs by name, and the names that --arch-plugin brought. Later sources
-    override earlier ones (a team's --arch-plugin may shadow a built-in of the same name)."""
+    """All known archs by name, and the names that --arch-plugin brought. Two sources that
+    declare one arch name are an error naming both (a broken plugin must never be shadowed
+    silently by a working one, or the reverse)."""
     from_args = plugin_arg_entries(list(plugin_args))
     found: dict[str, ArchEntry] = {}
+    clashes = []
     for entry in builtin_entries() + entry_point_entries() + from_args:
+        seen = found.get(entry.name)
+        if seen is not None and not _same_source(seen, entry):
+            clashes.append(f"arch {entry.name!r} is declared by both {seen.origin} and {entry.origin}")
+            continue
         found[entry.name] = entry
+    if clashes:
+        raise DuplicateArch("; ".join(clashes) + " (rename one: ArchSpec(name=...))")
     return found, [e.name for e in from_args]
+
+
+def _same_source(a: ArchEntry, b: ArchEntry) -> bool:
+    try:
+        return Path(a.origin).resolve() == Path(b.origin).resolve()
+    except OSError:
+        return a.origin == b.origin
 
 
 def select(known: dict[str, ArchEntry], arch_option: str | None, plugin_names: list[str]) -> list[ArchEntry]:
@@ -159,4 +196,12 @@ def select(known: dict[str, ArchEntry], arch_option: str | None, plugin_names: l
 
 
 class UnknownArch(LookupError):
+    pass
+
+
+class DuplicateArch(ValueError):
+    pass
+
+
+class PluginArgumentError(ValueError):
     pass

@@ -46,7 +46,7 @@ class Routing:
     def describe(self) -> str:
         s = f"{self.scoring} norm={self.norm_topk_prob} scale={self.routed_scaling_factor:g}"
         if self.n_group > 1:
-            s += f" groups={self.topk_group}/{self.n_group}({self.group_score})"
+            s += f" groups={self.topk_group}/{self.n_group}" + ("" if self.group_score == "top2_sum" else f"({self.group_score})")
         return s + (" +bias" if self.has_correction_bias else "")
 
     # ---- topology

@@ -210,8 +210,10 @@ def force_route(case, model: torch.nn.Module, side: str, experts: list[int], off
         k = natural.indices.shape[-1]
         base = natural.logits if natural.logits is not None else natural.scores
         if base is None:
-            raise ProbeError("force-routing a layer without a selection bias needs router logits or scores "
-                             "from the router probe")
+            # no scores to steer: every token takes the first k of `experts`, with its own
+            # (graph-attached) weights, so the router still gets a gradient
+            idx = torch.tensor(experts[:k], device=natural.indices.device).expand(natural.indices.reshape(-1, k).shape[0], -1)
+            return RouterReading(indices=idx.reshape(natural.indices.shape).to(natural.indices.dtype), weights=natural.weights)
         base = base.reshape(-1, E)
         shifted = base.float() + boost.to(base.device)
         idx = shifted.topk(k, dim=-1).indices

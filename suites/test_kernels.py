@@ -18,6 +18,7 @@ from moe_conformance import tolerances
 from moe_conformance.compare import compare_logits, run_candidate, run_reference
 from moe_conformance.kernel_checks.checks import backend_available, run_kernel_checks
 from moe_conformance.kernel_checks.strategies import RoutingConfig
+from moe_conformance.checks import conformance
 
 BACKEND = "triton"
 
@@ -42,6 +43,7 @@ def _require_backend(device):
         pytest.skip(why)
 
 
+@conformance(subject="kernels", requires=())
 def test_kernel_check_set(arch, record):
     routing = _routing(arch)
     device = str(arch.device)
@@ -92,6 +94,7 @@ def test_candidate_on_kernels_matches_reference(arch, record):
 
 
 @pytest.mark.arch_variants("faithful")
+@conformance(subject="kernels", requires=())
 def test_reference_with_kernel_experts(arch, record):
     """transformers' own model with its experts on the kernels: logits and every gradient."""
     _require_backend(str(arch.device))

@@ -30,6 +30,6 @@ def test_logit_parity(arch, inputs, record):
         delta = result.figures.get("max_abs_logit_delta")
         pytest.fail(
             f"{arch.id} on '{inputs}' inputs: " + "; ".join(problems) + "\n"
-            + diagnose(arch, ref, cand, batch, delta),
+            + diagnose(arch, ref, cand, batch, delta, cand_logits, profile.thresholds()["max_abs_logit_delta"]),
             pytrace=False,
         )

@@ -19,6 +19,7 @@ import weakref
 import pytest
 
 from moe_conformance import engines, rl, tolerances
+from moe_conformance.checks import conformance, needs_routing_field
 
 _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 VLLM_STEPS = 2  # vLLM RL: each step is a fresh engine start on the updated checkpoint
@@ -240,6 +241,7 @@ def test_rl_reward(arch, record):
         arch.fail(f"the reward does not score the answer (gate: exact - best wrong >= {gap_gate:.3g})", problems)
 
 
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("indices"))
 def test_rl_routing_consistency(arch, record):
     """The experts the engine chose for each token during rollout (prefill and every decoded
     token) equal those of the training forward over the same sequence: flip rate per MoE layer."""

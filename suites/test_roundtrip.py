@@ -23,7 +23,8 @@ from moe_conformance.checkpoint import (
     write_checkpoint,
 )
 from moe_conformance.compare import run_reference
-from moe_conformance.convert import StackExperts
+from moe_conformance.convert import FuseExperts, StackExperts
+from moe_conformance.checks import conformance
 
 # Expert outputs are compared at fp32 with the same math on both sides; the floor is ~1e-6 of
 # the output scale (same as logit parity), so 1e-4 relative separates "same expert" from not.
@@ -58,10 +59,33 @@ def test_candidate_to_hf_to_candidate_bit_exact(arch, record):
         arch.fail("candidate -> HF -> candidate is not the original candidate state", problems)
 
 
+def converter_declares_experts(case) -> str | None:
+    rules = getattr(case.spec.converter, "rules", None)
+    if rules is None:
+        return ("the converter declares no rules (it is not a KeyMapConverter), so which candidate slice holds which "
+                "file expert is unknown; test_expert_functions_match_file checks the experts by what they compute")
+    if not any(isinstance(r, (StackExperts, FuseExperts)) for r in rules):
+        return ("no StackExperts/FuseExperts rule: the file's experts are not per-expert tensors stacked by the "
+                "converter; test_expert_functions_match_file checks them by what they compute")
+    return None
+
+
+def needs_experts_pair(case) -> str | None:
+    if case.spec.probes.experts is None:
+        return "Probes(experts=None): the plugin declares no way to call its experts"
+    if not any(p.role == "experts" for p in case.module_pairs()):
+        return "no module pair with role 'experts': declare ModulePair(ref_experts, cand_experts, role='experts')"
+    return None
+
+
+def declares_native_save(case) -> str | None:
+    return None if case.spec.native_save is not None else (
+        "ArchSpec.native_save is not set: no transformers class beyond the reference writes this arch's on-disk format")
+
+
+@conformance(applies=converter_declares_experts)
 def test_candidate_expert_layout(arch, record):
-    """Slice e of each stacked candidate tensor holds the file's expert e (by fingerprint)."""
-    if not any(isinstance(r, StackExperts) for r in getattr(arch.spec.converter, "rules", [])):
-        pytest.skip(f"{arch.id}: experts are not stored per expert on disk; test_expert_functions_match_file covers them")
+    """Slice e of each stacked or fused candidate tensor holds the file's expert e (by fingerprint)."""
     problems = expert_layout_problems(arch.spec.converter, arch.disk_state, _cand_state(arch.candidate()))
     record(figures={"layout_problems": len(problems)})
     if problems:
@@ -82,6 +106,7 @@ def _misread_references(arch, tmp_path):
     }
 
 
+@conformance(requires=("forward", "converter", "state", "deterministic", "experts"), applies=needs_experts_pair)
 def test_expert_functions_match_file(arch, record, tmp_path):
     """Each candidate expert computes the file's expert of the same index: a permutation or a
     gate/up misreading inside the candidate shows up here even if both converters agree on it."""
@@ -89,14 +114,13 @@ def test_expert_functions_match_file(arch, record, tmp_path):
     ref, cand = arch.reference(), arch.candidate()
     ref_mods, cand_mods = dict(ref.named_modules()), dict(cand.named_modules())
     pairs = [p for p in pairs if p.ref in ref_mods and p.cand in cand_mods]
-    if not pairs:
-        pytest.skip(f"{arch.id}: the converter declares no (reference, candidate) experts module pair")
+    call = arch.spec.probes.experts.call
     E = arch.num_experts
     x = torch.randn(7, arch.model_config.hidden_size, generator=torch.Generator().manual_seed(arch.case_seed)).to(arch.device)
     problems, worst, misread = [], 0.0, None
     for pair in pairs:
         want = expert_outputs(ref_mods[pair.ref], x, E).double()
-        got = expert_outputs(cand_mods[pair.cand], x, E).double()
+        got = expert_outputs(cand_mods[pair.cand], x, E, call).double()
         scale = want.abs().max()
         for e in range(E):
             delta = (got[e] - want).abs().amax(dim=(1, 2)) / scale  # vs every file expert
@@ -160,10 +184,10 @@ def test_bf16_checkpoint_keeps_dtypes(arch, record, tmp_path):
         arch.fail("bf16 checkpoint -> bf16 candidate -> HF changed dtypes or bits", problems)
 
 
+@conformance(subject="reference", applies=declares_native_save)
 def test_transformers_save_naming(arch, record, tmp_path):
-    """transformers' own class for the released checkpoint should write the on-disk naming."""
-    if arch.spec.native_save is None:
-        pytest.skip(f"{arch.id}: no transformers class writes this arch's on-disk format beyond the reference")
+    """transformers' own class for the released checkpoint should write the on-disk naming (a
+    check of transformers, not of the candidate)."""
     torch.manual_seed(0)
     model = arch.spec.native_save(copy.deepcopy(arch.config))
     model.save_pretrained(tmp_path)

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from moe_conformance import data, tokenizer, tolerances, training
+from moe_conformance.checks import conformance, needs_capability, needs_forcing, needs_router_module, needs_routing_field
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BATCH_SIZE = 8
@@ -70,6 +71,7 @@ def _bias_names(arch) -> list[str]:
     return [k for k, disk in prep["disk_names"].items() if disk and set(disk) <= prep["bias_keys"]]
 
 
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_router_module)
 def test_router_weights_get_gradient(arch, record):
     cand = arch.candidate().train()
     loss, tap = _backward(arch, cand, False)
@@ -91,6 +93,10 @@ def test_router_weights_get_gradient(arch, record):
                     "(a router detached from the loss never learns to route)", problems)
 
 
+def forcing_if_forced(case, params) -> str | None:
+    return needs_forcing(case) if params.get("routing") == "forced" else None
+
+
 def _expert_slices(experts: torch.nn.Module, E: int):
     """(param name, expert index, tensor slice or param) for stacked [E, ...] parameters and for
     per-expert submodules (``experts.3.w1``)."""
@@ -104,6 +110,7 @@ def _expert_slices(experts: torch.nn.Module, E: int):
 
 
 @pytest.mark.parametrize("routing", ["natural", "forced"])
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=forcing_if_forced)
 def test_expert_gradients_follow_routing(arch, routing, record):
     """Experts with loss-bearing tokens get gradients; experts with none get exactly zero."""
     prep = _prepared(arch)
@@ -143,9 +150,8 @@ def test_expert_gradients_follow_routing(arch, routing, record):
         arch.fail(f"expert gradients do not follow the routing ({routing})", problems)
 
 
+@conformance(applies=needs_capability("shared_experts", "no shared experts"))
 def test_shared_experts_get_gradient(arch, record):
-    if not arch.spec.capabilities.shared_experts:
-        pytest.skip(f"{arch.id}: the architecture has no shared experts")
     prep = _prepared(arch)
     cand = arch.candidate().train()
     _backward(arch, cand, False)
@@ -166,9 +172,8 @@ def test_shared_experts_get_gradient(arch, record):
         arch.fail("shared expert parameters get no gradient: the shared expert does not train", problems)
 
 
+@conformance(applies=needs_capability("correction_bias", "no selection-only correction bias"))
 def test_correction_bias_gets_no_gradient(arch, record):
-    if not arch.spec.capabilities.correction_bias:
-        pytest.skip(f"{arch.id}: the architecture has no selection-only correction bias")
     prep = _prepared(arch)
     names = _bias_names(arch)
     record(figures={"bias_tensors": len(names)})
@@ -263,6 +268,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30) if math.isfinite(a) else math.inf
 
 
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("logits"))
 def test_aux_loss(arch, record):
     batch, ref_logits, cand_logits, ref_aux = _router_logits(arch)
     hooks = training.hooks_for(arch.spec)
@@ -293,6 +299,7 @@ def test_aux_loss(arch, record):
                     + (f", reference {float(ref_aux):.6g}" if ref_aux is not None else ""), problems + hints)
 
 
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("logits"))
 def test_z_loss(arch, record):
     batch, ref_logits, cand_logits, _ = _router_logits(arch)
     hooks = training.hooks_for(arch.spec)
@@ -323,6 +330,7 @@ BALANCE_RATE = 0.05
 SKEW = 0.3
 
 
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_capability("correction_bias", "no selection-only bias, so no aux-loss-free balancing"))
 def test_aux_loss_free_balancing(arch, record):
     """Skew the selection bias toward top_k experts, then apply the bias update after each
     forward+backward: load imbalance must fall, and the bias must never receive gradient."""

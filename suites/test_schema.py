@@ -10,6 +10,7 @@ import pytest
 from syrupy.extensions.amber import AmberSnapshotExtension
 
 from moe_conformance.pytest_plugin import CONFORMANCE
+from moe_conformance.checks import conformance
 
 
 def _schema(state):
@@ -28,6 +29,7 @@ def arch_snapshot(arch, snapshot, request):
     return snapshot.use_extension(BesideThePlugin)
 
 
+@conformance(subject="reference", requires=())
 def test_checkpoint_schema(arch, arch_snapshot, record):
     schema = _schema(arch.disk_state)
     record(figures={"keys": len(schema)})

@@ -13,6 +13,7 @@ from moe_conformance.features import LIVENESS_FACTOR, ablated_reference
 from moe_conformance.probing import RoutingTap
 from moe_conformance.tiny import INPUT_CASES
 from moe_conformance.training import selection_biases
+from moe_conformance.checks import conformance
 
 # A top-k decision closer than this could flip between CPUs (fp32 noise on router scores is
 # ~1e-7); the tiny models' seeds and inputs are chosen to stay clear of it.
@@ -30,6 +31,7 @@ def _sizes(arch):
     return {n: getattr(cfg, n) for n in names if getattr(cfg, n, None)}
 
 
+@conformance(subject="plugin", requires=())
 def test_sizes_pairwise_distinct(arch, record):
     sizes = _sizes(arch)
     record(figures=sizes)
@@ -38,6 +40,7 @@ def test_sizes_pairwise_distinct(arch, record):
         f"{a} == {b} == {sizes[a]}" for a, b in clashes)
 
 
+@conformance(subject="plugin", requires=())
 def test_routing_topology(arch, record):
     cfg = arch.model_config
     E, k = arch.num_experts, cfg.num_experts_per_tok
@@ -49,6 +52,7 @@ def test_routing_topology(arch, record):
         assert k <= topk_group * E // n_group, f"{arch.id}: top_k={k} exceeds what {topk_group} kept groups hold"
 
 
+@conformance(subject="plugin", requires=())
 def test_logits_peaky(arch, record):
     batch = arch.batches["plain"]
     with torch.no_grad():
@@ -78,6 +82,7 @@ def _routing(arch):
     return {r: chunks for r, chunks in per_layer.items() if chunks}, arch.model_config
 
 
+@conformance(subject="plugin", requires=())
 def test_every_expert_routed(arch, record):
     per_router, cfg = _routing(arch)
     E = arch.num_experts
@@ -91,6 +96,7 @@ def test_every_expert_routed(arch, record):
     assert not idle, f"{arch.id}: experts never routed on the test inputs: {idle}"
 
 
+@conformance(subject="plugin", requires=())
 def test_routing_margins(arch, record):
     per_router, cfg = _routing(arch)
     caps = arch.spec.capabilities
@@ -106,6 +112,7 @@ def test_routing_margins(arch, record):
     assert not near, f"{arch.id}: routing near-ties (margin < {MIN_ROUTING_MARGIN}) on the test inputs: {near}"
 
 
+@conformance(subject="plugin", requires=())
 def test_claimed_features_live(arch, record):
     gate = tolerances.profile("logit_parity", "float32", arch.spec.tolerances).gates["max_abs_logit_delta"].limit
     need = LIVENESS_FACTOR * gate

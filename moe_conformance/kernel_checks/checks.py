@@ -78,7 +78,7 @@ def _dtype_name(dtype) -> str:
 
 def _label(op, case, backend, dtype, device) -> str:
     name = backend.name if isinstance(backend, KernelSubject) else backend
-    return f"[{op}] {case.describe()} dtype={_dtype_name(dtype)} kernels={name} device={device}"
+    return f"[{op}] {case.describe()} dtype={_dtype_name(dtype)} backend={name} device={device}"
 
 
 def _compare(name: str, got: torch.Tensor, expected: torch.Tensor, gate: float, label: str) -> dict:
