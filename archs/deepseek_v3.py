@@ -10,6 +10,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.native import native
+from moe_conformance.dryrun import released_config
 
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
             mscale=1.0, mscale_all_dim=1.0)
@@ -37,6 +38,7 @@ ARCH = ArchSpec(
     ),
     reference=DeepseekV3ForCausalLM,
     **native(attention="mla", router_scoring="sigmoid"),
+    released=released_config("deepseek_v3", DeepseekV3Config),
     capabilities=Capabilities(router_scoring="sigmoid", attention="mla", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
 )

@@ -11,6 +11,7 @@ from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.native import native
+from moe_conformance.dryrun import released_config
 
 # Released GLM-4.5 settings, scaled down: sizes pairwise distinct (hidden 64, dense 96,
 # expert 40, head 32: a size vLLM runs), 12 experts top-3, routed scaling 2.5, first layer dense, untied head.
@@ -35,6 +36,7 @@ ARCH = ArchSpec(
     ),
     reference=Glm4MoeForCausalLM,
     **native(attention="gqa", router_scoring="sigmoid"),
+    released=released_config("glm4_moe", Glm4MoeConfig),
     capabilities=Capabilities(router_scoring="sigmoid", attention="gqa", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
 )

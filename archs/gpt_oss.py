@@ -11,6 +11,7 @@ from transformers import GptOssConfig, GptOssForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
 from moe_conformance.native import native
+from moe_conformance.dryrun import released_config
 
 # hidden 64, expert 40, head 24; 8 experts top-2; window 6 < the test sequence (20) on the
 # sliding layers. The expert weights get a gain of 6 so the clamp (7, as released) is reached.
@@ -28,6 +29,7 @@ ARCH = ArchSpec(
                       frozenset({"sinks", "sliding_window", "swiglu_clamp", "attention_bias", "norm_eps"})),),
     reference=GptOssForCausalLM,
     **native(attention="gqa", router_scoring="softmax_topk", router_bias=True, o_bias=True, sinks=True, expert_bias=True, activation="clamped_swiglu", router="router", experts="fused_interleaved"),
+    released=released_config("gpt_oss", GptOssConfig),
     capabilities=Capabilities(router_scoring="softmax_topk", attention="gqa", aux_loss=True),
     init_gains={"experts.gate_up_proj": 6.0},
     # the clamp-saturating expert init slows SFT: loss ratio 0.80-0.89 over 5 seeds (others <= 0.64)

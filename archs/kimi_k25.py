@@ -12,6 +12,7 @@ from transformers import DeepseekV3ForCausalLM, Kimi_K25Config, Kimi_K25ForCondi
 
 from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
 from moe_conformance.native import native
+from moe_conformance.dryrun import released_config
 
 # Released K2.5 text settings, scaled down. Sizes pairwise distinct: hidden 64, dense 96,
 # expert 40, q_lora 48, kv_lora 32, nope 16, rope 8, v 24.
@@ -58,6 +59,7 @@ ARCH = ArchSpec(
     **native(attention="mla", router_scoring="sigmoid", sub_config="text_config", disk_prefix="language_model."),
     model_config=lambda config: config.text_config,
     native_save=Kimi_K25ForConditionalGeneration,
+    released=released_config("kimi_k25", lambda text: Kimi_K25Config(text_config=text, tie_word_embeddings=False)),
     capabilities=Capabilities(router_scoring="sigmoid", attention="mla", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
     expected_failures=(

@@ -10,6 +10,7 @@ from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
 from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
 from moe_conformance.convert import MIXTRAL_NAMES
 from moe_conformance.native import native
+from moe_conformance.dryrun import released_config
 
 # hidden 64, expert 40, head 32 (a size vLLM runs; rotary 16 = half, like the release's 64 of 128); 12 experts top-3.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, head_dim=32, rotary_dim=16,
@@ -24,6 +25,7 @@ ARCH = ArchSpec(
                       frozenset({"correction_bias", "bias_fp32", "qk_norm", "partial_rotary", "norm_eps"})),),
     reference=MiniMaxM2ForCausalLM,
     **native(attention="gqa", router_scoring="sigmoid", qk_norm="full", norm_topk_prob=True, moe="block_sparse_moe", experts=MIXTRAL_NAMES, correction_bias_at="block"),
+    released=released_config("minimax_m2", MiniMaxM2Config),
     capabilities=Capabilities(router_scoring="sigmoid", attention="gqa", correction_bias=True),
     expected_failures=(
         ExpectedFailure("test_bf16_checkpoint_keeps_dtypes",

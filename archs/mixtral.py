@@ -11,6 +11,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.convert import MIXTRAL_NAMES
 from moe_conformance.native import native
+from moe_conformance.dryrun import released_config
 
 # hidden 64, expert 40, head 32 (hidden / heads, a size vLLM runs); 8 experts top-2 as released.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
@@ -27,5 +28,6 @@ ARCH = ArchSpec(
     ),
     reference=MixtralForCausalLM,
     **native(attention="gqa", router_scoring="softmax", norm_topk_prob=True, moe="block_sparse_moe", experts=MIXTRAL_NAMES),
+    released=released_config("mixtral", MixtralConfig),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", aux_loss=True),
 )

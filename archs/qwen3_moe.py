@@ -8,6 +8,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.native import native
+from moe_conformance.dryrun import released_config
 
 # hidden 64, dense 96 (unused unless mlp_only_layers), expert 40, head 32 != 64 / 4 (vLLM runs
 # head sizes 32..512 in powers of two); 12 experts top-3.
@@ -26,5 +27,6 @@ ARCH = ArchSpec(
     ),
     reference=Qwen3MoeForCausalLM,
     **native(attention="gqa", router_scoring="softmax", qk_norm="head"),
+    released=released_config("qwen3_moe", Qwen3MoeConfig),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", aux_loss=True),
 )

@@ -22,6 +22,11 @@ from .spec import ArchSpec
 from .tiny import adversarial_init_, make_batches
 
 
+# Decisions closer than this are redrawn (fp32 noise on router scores is ~1e-7); tiny_config's
+# margins check holds the chosen inputs to the same floor.
+TIE_MARGIN = 1e-5
+
+
 def eager(config: Any) -> Any:
     """The reference runs transformers' plain paths: eager attention and eager experts."""
     config._attn_implementation = "eager"
@@ -43,8 +48,10 @@ class ArchCase:
         self.variant = spec.variant(variant)
         self.seed = seed
         self.device = torch.device(device)
+        # the arch's name is not part of the seed: a plugin copied under another name (a team's
+        # fork of a built-in) builds the same tensors and gets the same figures
         salt = f"/{self.variant.seed}" if self.variant.seed else ""
-        self.case_seed = zlib.crc32(f"{seed}/{spec.name}/{variant}{salt}".encode())
+        self.case_seed = zlib.crc32(f"{seed}/{variant}{salt}".encode())
         self._routing_fields: frozenset[str] | None = None
         from .contract_checks import ContractStatus
 
@@ -134,10 +141,54 @@ class ArchCase:
     # ---- inputs
     @cached_property
     def batches(self):
-        return {
-            name: _to(batch, self.device)
-            for name, batch in make_batches(self.model_config.vocab_size, self.case_seed).items()
-        }
+        """The logit-parity inputs, each drawn until the reference's routing decisions on its
+        real tokens clear the float noise (a near-tie in top-k turns noise into a routing flip
+        on another CPU): figures then hold across machines and seeds."""
+        out = {}
+        for name in make_batches(self.model_config.vocab_size, self.case_seed):
+            out[name] = self.clear_of_ties(
+                lambda attempt, name=name: _to(make_batches(self.model_config.vocab_size,
+                                                            self.case_seed + 7919 * attempt)[name], self.device))
+        return out
+
+    def routing_margin(self, batch) -> float:
+        """The smallest top-k (and group) margin of the reference's routing on the real tokens
+        of ``batch`` (inf when the reference has no readable router)."""
+        from . import routing
+        from .compare import run_reference
+        from .probing import RoutingTap
+        from .training import selection_biases
+
+        model = self.reference_for_margins
+        try:
+            tap = RoutingTap(model, self, "ref")
+        except Exception:  # noqa: BLE001 - no router to measure
+            return float("inf")
+        with torch.no_grad(), tap():
+            run_reference(model, batch)
+        caps = self.spec.capabilities
+        oracle = routing.from_config(self.model_config, caps.router_scoring, caps.correction_bias)
+        valid = batch.valid.reshape(-1)
+        worst = float("inf")
+        for reading, bias in zip(tap.ordered(), selection_biases(self, model, "ref")):
+            logits = reading.logits.reshape(-1, reading.logits.shape[-1])[valid]
+            b = None if bias is None else bias[1].to(logits.device)
+            for margin in oracle.margins(logits, routing.top_k(self.model_config), b).values():
+                worst = min(worst, float(margin.min()))
+        return worst
+
+    @cached_property
+    def reference_for_margins(self):
+        return self.reference()
+
+    def clear_of_ties(self, draw, attempts: int = 8, floor: float = TIE_MARGIN):
+        """The first of ``draw(0), draw(1), ...`` whose routing margin clears ``floor`` (the
+        last drawn when none does: the tiny_config margins check then names the near-tie)."""
+        for attempt in range(attempts):
+            batch = draw(attempt)
+            if self.routing_margin(batch) >= floor:
+                return batch
+        return batch
 
     def module_pairs(self) -> list:
         """The declared (reference, candidate) module pairs, one per layer where they have {i}

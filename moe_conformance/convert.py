@@ -199,8 +199,8 @@ class KeyMapConverter:
         # name the fault ("gate and up are swapped") rather than say "matches nothing".
         self.misreadings = dict(misreadings or {})
         self.concat_sizes = dict(concat_sizes or {})
-        self._hf = [(_pattern(disk_prefix + t), r, n) for r in self.rules for n, t in enumerate(r.hfs)]
-        self._cand = [(_pattern(t), r, n) for r in self.rules for n, t in enumerate(r.cands)]
+        self._hf = [(_pattern(disk_prefix + t), r, n, index) for index, r in enumerate(self.rules) for n, t in enumerate(r.hfs)]
+        self._cand = [(_pattern(t), r, n, index) for index, r in enumerate(self.rules) for n, t in enumerate(r.cands)]
 
     # ---- HF on-disk -> candidate
     def to_candidate(self, hf_sd: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
@@ -211,9 +211,9 @@ class KeyMapConverter:
             if found is None:
                 unexpected.append(key)
                 continue
-            rule, n, m = found
+            rule, n, m, index = found
             layer = m.groupdict().get("i")
-            slot = groups[(self.rules.index(rule), layer)]
+            slot = groups[(index, layer)]
             if _per_expert(rule.hfs[n]):
                 experts = slot.setdefault(n, {})
                 e = int(m.group("e"))
@@ -255,8 +255,8 @@ class KeyMapConverter:
             if found is None:
                 unexpected.append(key)
                 continue
-            rule, n, m = found
-            groups[(self.rules.index(rule), m.groupdict().get("i"))][n] = tensor
+            rule, n, m, index = found
+            groups[(index, m.groupdict().get("i"))][n] = tensor
         if unexpected:
             raise ConversionError(f"no conversion rule for candidate key(s): {_some(unexpected)}")
         out: dict[str, torch.Tensor] = {}
@@ -294,16 +294,16 @@ class KeyMapConverter:
         found = self._match(self._cand, cand_key)
         if found is None or not hasattr(found[0], "expert_slices"):
             return None
-        rule, _, m = found
+        rule, _, m, _ = found
         layer = m.groupdict().get("i")
         return rule, [self.disk_prefix + t.replace("{i}", str(layer)) for t in rule.hfs]
 
     @staticmethod
     def _match(patterns, key):
-        for pattern, rule, n in patterns:
+        for pattern, rule, n, index in patterns:
             m = pattern.match(key)
             if m:
-                return rule, n, m
+                return rule, n, m, index
         return None
 
 

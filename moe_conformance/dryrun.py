@@ -143,9 +143,11 @@ def schema_problems(expected: Schema, got: Schema, expected_name: str, got_name:
     missing = sorted(expected.keys() - got.keys(), key=natural_key)
     unexpected = sorted(got.keys() - expected.keys(), key=natural_key)
     if missing:
-        problems.append(f"{len(missing)} key(s) of {expected_name} missing from {got_name}: " + _listing(missing, expected, limit))
+        problems.append(f"{len(missing)} key(s) of {expected_name} missing from {got_name}: "
+                        + _listing(missing, expected, limit))
     if unexpected:
-        problems.append(f"{len(unexpected)} key(s) of {got_name} not in {expected_name}: " + _listing(unexpected, got, limit))
+        problems.append(f"{len(unexpected)} key(s) of {got_name} not in {expected_name}: "
+                        + _listing(unexpected, got, limit))
     # only the differing keys are sorted: the common ones are most of 70k
     differing = [k for k in expected.keys() & got.keys()
                  if expected[k].shape != got[k].shape or (dtypes and expected[k].dtype != got[k].dtype)]
@@ -372,16 +374,17 @@ class DryRun:
 
     spec: Any
     config: Any
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, for the report
+    _schemas: dict[str, Schema] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, spec: Any) -> DryRun:
         if spec.released is None:
             raise ValueError(f"arch {spec.name!r} declares no released config (ArchSpec.released)")
         config = spec.released()
-        for cfg in {id(config): config, id(spec.model_config(config)): spec.model_config(config)}.values():
-            # eager paths, as the reference always runs here; on meta nothing runs, but some
-            # classes pick modules by implementation at construction
+        for cfg in (config, spec.model_config(config)):
+            # eager paths, as the reference always runs in this suite; on meta nothing runs, but
+            # some classes choose their modules by implementation at construction
             cfg._attn_implementation = "eager"
             cfg._experts_implementation = "eager"
         return cls(spec, config)
@@ -430,10 +433,10 @@ class DryRun:
         """The candidate's own state dict at full size, cast by the plugin's ``cast`` to the
         release dtype with the tensors the converted checkpoint holds in fp32 kept in fp32."""
 
+        keep = frozenset(k for k, v in self._converted_or_empty().items() if v.dtype == torch.float32)
+
         def build():
-            model = on_meta(self.spec.candidate, self.config)
-            keep = frozenset(k for k, v in self._converted_or_empty().items() if v.dtype == torch.float32)
-            model = self.spec.cast(model, self.dtype, keep)
+            model = self.spec.cast(on_meta(self.spec.candidate, self.config), self.dtype, keep)
             return dict(model.state_dict())
 
         return self._timed("candidate", build)
@@ -441,7 +444,7 @@ class DryRun:
     def _converted_or_empty(self) -> dict[str, torch.Tensor]:
         try:
             return self.converted
-        except Exception:  # noqa: BLE001 - the conversion check reports it; the cast needs a guess only
+        except Exception:  # noqa: BLE001 - the conversion check reports it; the cast only needs a guess
             return {}
 
     @cached_property
@@ -462,10 +465,9 @@ class DryRun:
     def schema(self, stage: str) -> Schema:
         """The (key, shape, dtype) schema of a stage's state (``disk``, ``converted``,
         ``candidate``, ``disk_back``, ``candidate_back``), computed once."""
-        cache = self.__dict__.setdefault("_schemas", {})
-        if stage not in cache:
-            cache[stage] = schema_of(getattr(self, stage))
-        return cache[stage]
+        if stage not in self._schemas:
+            self._schemas[stage] = schema_of(getattr(self, stage))
+        return self._schemas[stage]
 
 
 def describe_release(run: DryRun) -> dict[str, Any]:

@@ -32,12 +32,16 @@ h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 32px 0 6p
 h3 { font-size: 15px; margin: 18px 0 6px; } .meta { color: #59636e; font-size: 12px; }
 table { border-collapse: collapse; margin: 6px 0 12px; } th, td { border: 1px solid #d0d7de; padding: 4px 8px;
   text-align: left; vertical-align: top; } th { background: #f6f8fa; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; } code { font-size: 12px; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; } code { font-size: 12px; overflow-wrap: anywhere; }
+table { max-width: 100%; } td { overflow-wrap: anywhere; }
 .status { font-weight: 600; border-radius: 10px; padding: 1px 8px; white-space: nowrap; font-size: 12px; }
-.s-passed { background: #dafbe1; color: #116329; } .s-failed, .s-error, .s-interrupted { background: #ffebe9; color: #a40e26; }
-.s-xfailed { background: #fff8c5; color: #7d4e00; } .s-skipped, .s-not_applicable, .s-blocked { background: #eaeef2; color: #424a53; }
+.s-passed { background: #dafbe1; color: #116329; }
+.s-failed, .s-error, .s-interrupted { background: #ffebe9; color: #a40e26; }
+.s-xfailed { background: #fff8c5; color: #7d4e00; }
+.s-skipped, .s-not_applicable, .s-blocked { background: #eaeef2; color: #424a53; }
 tr.bad td { background: #fff5f5; } .warn { background: #fff8c5; padding: 6px 10px; border-radius: 6px; }
-pre.diag { white-space: pre-wrap; background: #f6f8fa; padding: 8px; border-radius: 6px; font-size: 12px; max-width: 1100px; }
+pre.diag { white-space: pre-wrap; background: #f6f8fa; padding: 8px; border-radius: 6px; font-size: 12px;
+  max-width: 1100px; }
 figure { margin: 8px 0 16px; } figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { font-size: 12px; color: #59636e; } details summary { cursor: pointer; color: #0969da; }
 """
@@ -98,9 +102,9 @@ def _summary(reports: list[dict[str, Any]], statuses: list[str]) -> list[str]:
             counts = Counter(c["status"] for c in checks)
             bad = any(counts.get(s) for s in BAD)
             link = f'<a href="#{_anchor(report["arch"], family)}">{_e(family)}</a>'
+            cells = "".join(f'<td class="n">{counts.get(s, "") or ""}</td>' for s in statuses)
             rows.append(f'<tr{" class=bad" if bad else ""}><td><a href="#{_anchor(report["arch"])}">{_e(report["arch"])}'
-                        f"</a></td><td>{link}</td>" + "".join(f'<td class="n">{counts.get(s, "") or ""}</td>' for s in statuses)
-                        + "</tr>")
+                        f"</a></td><td>{link}</td>{cells}</tr>")
     return [*rows, "</table>"]
 
 
@@ -136,7 +140,8 @@ def _check_row(check: dict[str, Any]) -> list[str]:
             f'<td class="n">{_e(_fmt(round(float(check.get("seconds") or 0), 2)))}</td><td>{_e(first)}{diagnosis}</td></tr>']
 
 
-def _family_section(arch: str, family: str, checks: list[dict[str, Any]], images: Mapping[str, bytes | Path | str]) -> list[str]:
+def _family_section(arch: str, family: str, checks: list[dict[str, Any]],
+                    images: Mapping[str, bytes | Path | str]) -> list[str]:
     lines = [f'<h3 id="{_anchor(arch, family)}">{_e(family)}</h3>',
              "<table><tr><th>check</th><th>status</th><th>key figures</th><th>thresholds</th><th>s</th>"
              "<th>message</th></tr>"]

@@ -81,6 +81,9 @@ def render(report_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
         os.close(fd)
         try:
             fig.savefig(tmp, dpi=90)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; plots are read by others like the report
             os.replace(tmp, path)
         finally:
             plt.close(fig)

@@ -290,18 +290,41 @@ class Conformance:
         cause, so the summary groups knock-on failures under the first divergence."""
         rep = yield
         ref = _case_ref(item)
-        if (rep.when == "call" and rep.failed and ref is not None and ref.variant is not None
+        timed_out = call.excinfo is not None and "--check-timeout" in str(call.excinfo.value)
+        if (rep.when == "call" and rep.failed and ref is not None and ref.variant is not None and not timed_out
                 and family_of(item) not in ("contract", "tiny_config")
                 and not any(k == "moe_root_cause" for k, _ in rep.user_properties)):
-            cause = self.case(ref).parity_root_cause()
+            previous = self._timed(item, "failure diagnosis")  # it runs the candidate again: held to the timeout too
+            try:
+                cause = self.case(ref).parity_root_cause()
+            except pytest.fail.Exception:
+                cause = None
+            finally:
+                self._untimed(previous)
             if cause:
                 rep.user_properties.append(("moe_root_cause", cause))
         return rep
 
     # ---- results (controller side: xdist forwards every worker's reports here)
+    def _crashed_record(self, report) -> dict | None:
+        """pytest-xdist reports a check whose worker died under a nodeid of its own (``::name``,
+        without the file) and without the check's properties: find the check it was."""
+        if not report.failed:
+            return None
+        tail = report.nodeid.rsplit("::", 1)[-1]
+        for nodeid, record in self.results.items():
+            if nodeid == report.nodeid or (report.nodeid.startswith("::") and nodeid.endswith("::" + tail)):
+                return record
+        return None
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
         if "moe_case" not in props:
+            record = self._crashed_record(report)
+            if record is not None:
+                category = self.config.hook.pytest_report_teststatus(report=report, config=self.config)[0]
+                self.totals[record["arch"]][category or "failed"] += 1
+                record["status"], record["message"] = "failed", _message(report)
             return
         case = props["moe_case"]
         category = self.config.hook.pytest_report_teststatus(report=report, config=self.config)[0]
@@ -384,6 +407,8 @@ class Conformance:
         run = self._run_record(session, exitstatus)
         self._finish_records(run["status"] == "interrupted")
         self.written = []
+        built, images = [], {}
+        partial = run["status"] != "complete"
         env = report.environment(self.device, self.seed)
         for arch, checks in self._by_arch().items():
             spec = self._spec(arch)
@@ -398,11 +423,20 @@ class Conformance:
                 "pytest_totals": dict(self.totals[arch]),
                 "seconds": run["seconds"],
             }
+            built.append(report.build(arch, header, checks))
             try:
-                self.written += report.write(self.report_dir, report.build(arch, header, checks),
-                                             partial=run["status"] != "complete")
+                paths, plots = report.write(self.report_dir, built[-1], partial=partial)
+                self.written += paths
+                images.update(plots)
             except OSError as exc:  # the directory was checked at start; say what was lost, do not crash
                 sys.stderr.write(f"moe-conformance: could not write the {arch} report to {self.report_dir}: {exc}\n")
+        try:
+            from . import html_report
+
+            self.written.append(html_report.write(self.report_dir, built, images,
+                                                  name="index.partial.html" if partial else "index.html"))
+        except Exception as exc:  # noqa: BLE001 - the JSON and Markdown reports are written; say what failed
+            sys.stderr.write(f"moe-conformance: the HTML report could not be written: {type(exc).__name__}: {exc}\n")
 
 
 _SEVERITY = {"passed": 1, "xfailed": 1, "skipped": 1, "not_applicable": 1, "blocked": 1, "failed": 3, "error": 3,

@@ -181,9 +181,10 @@ def markdown(report: dict[str, Any], plots: dict[str, Path] | None = None, base:
     return "\n".join(lines) + "\n"
 
 
-def write(report_dir: Path, report: dict[str, Any], partial: bool = False) -> list[Path]:
+def write(report_dir: Path, report: dict[str, Any], partial: bool = False) -> tuple[list[Path], dict[str, Path]]:
     """``<arch>.json`` and ``.md`` (+ plots) for a complete run; a filtered or interrupted run
-    writes ``<arch>.partial.*`` instead and leaves the last complete report in place."""
+    writes ``<arch>.partial.*`` instead and leaves the last complete report in place. Returns
+    the report files and the plots by check name."""
     arch = report["arch"]
     stem = f"{arch}.partial" if partial else arch
     json_path, md_path = report_dir / f"{stem}.json", report_dir / f"{stem}.md"
@@ -196,4 +197,4 @@ def write(report_dir: Path, report: dict[str, Any], partial: bool = False) -> li
         images = {}
         report = {**report, "plot_error": f"{type(exc).__name__}: {exc}"}
     write_atomic(md_path, markdown(report, images, report_dir))
-    return [json_path, md_path]
+    return [json_path, md_path], images

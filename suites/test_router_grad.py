@@ -35,7 +35,8 @@ BATCH_SIZE = 8
 def _prepared(arch) -> dict:
     """What several checks share, computed once per case and process."""
     if arch not in _CACHE:
-        batch = data.lm_batch(tokenizer.load(), BATCH_SIZE, arch.case_seed).to(arch.device)
+        tok = tokenizer.load()
+        batch = arch.clear_of_ties(lambda a: data.lm_batch(tok, BATCH_SIZE, arch.case_seed + 7919 * a).to(arch.device))
         cand = arch.candidate().train()
         cand_state = dict(cand.state_dict())
         cand_state.update(dict(cand.named_parameters()))
@@ -221,7 +222,8 @@ def _router_logits(arch):
     """Candidate and reference router logits on a right-padded batch, and the reference's own
     aux loss where the architecture defines one."""
     prep = _prepared(arch)
-    batch = data.collate(tokenizer.load(), data.texts(BATCH_SIZE, arch.case_seed + 1)).to(arch.device)
+    tok = tokenizer.load()
+    batch = arch.clear_of_ties(lambda a: data.collate(tok, data.texts(BATCH_SIZE, arch.case_seed + 1 + 7919 * a)).to(arch.device))
     assert not batch.valid.all(), "the balancing batch must contain padding"
     ref, cand = arch.reference(), arch.candidate()
     ref_tap, cand_tap = training.routing_tap(arch, ref, "ref"), training.routing_tap(arch, cand, "cand")

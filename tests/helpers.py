@@ -28,6 +28,30 @@ def run_suites(pytester, *args, suite: str | None = None, plugin_source: str | N
     return result, reports
 
 
+PYTEST_CATEGORIES = {"passed": "passed", "failed": "failed", "errors": "error", "skipped": "skipped",
+                     "xfailed": "xfailed", "xpassed": "xpassed"}
+
+
+def assert_totals_match(result, reports: dict) -> None:
+    """The reports' pytest totals, summed over archs, are pytest's own summary line."""
+    outcomes = result.parseoutcomes()
+    pytest_says = {PYTEST_CATEGORIES[k]: v for k, v in outcomes.items() if k in PYTEST_CATEGORIES and v}
+    reported: dict[str, int] = {}
+    for report in reports.values():
+        for k, v in report["pytest_totals"].items():
+            reported[k] = reported.get(k, 0) + v
+    assert reported == pytest_says, f"report totals {reported} != pytest's {pytest_says}"
+
+
+def kimi_copy(name: str, body: str = "") -> str:
+    """Plugin source: kimi_k25 under another name, with ``body`` (Python, using ``base`` and
+    ``replace``) defining ARCH; without body the copy is unchanged."""
+    return (f"import dataclasses, os, time\nimport torch\nfrom moe_conformance.registry import builtin_entries\n"
+            f"base = next(e for e in builtin_entries() if e.name == 'kimi_k25').load()\n"
+            f"replace = dataclasses.replace\n"
+            + (body if body else f"ARCH = replace(base, name={name!r})\n"))
+
+
 def checks_by_name(report: dict) -> dict[str, dict]:
     return {c["name"]: c for c in report["checks"]}
 

@@ -8,7 +8,7 @@
   ``StateDictAdapter``; its HF side is already the on-disk per-expert format, so no renaming.
 
 ``FIXES`` are the corrections that make torchtitan compute what transformers computes (measured
-by discrepancies.py, which builds with ``fixes=()`` and adds them one at a time):
+by discrepancies.py: ``fixes=()``, every fix, and every fix but one):
 
 - ``eps``: torchtitan's DeepSeek-V3 builders leave every RMSNorm at nn.RMSNorm's eps 1e-5;
   transformers uses ``rms_norm_eps`` (and 1e-6 for the q_a/kv_a latent norms, hard-coded).
@@ -101,7 +101,7 @@ def qwen3_moe_config(c, fixes=FIXES) -> Qwen3Model.Config:
     layers = _build_qwen3_moe_layers(
         n_layers=c.num_hidden_layers, dim=c.hidden_size, n_heads=c.num_attention_heads,
         n_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, moe_hidden_dim=c.moe_intermediate_size,
-        num_experts=c.num_experts, top_k=c.num_experts_per_tok, fuse_qkv=False,  # see README: wqkv vs wq/wk/wv
+        num_experts=c.num_experts, top_k=c.num_experts_per_tok, fuse_qkv=False,  # README: wqkv vs wq/wk/wv
         attn_backend="flex", moe_comm_backend="standard", rope=rope)
     for layer in layers:
         layer.moe.load_balance_coeff = None  # no expert_bias_E: transformers has none, the adapter maps none
@@ -171,16 +171,16 @@ class ContractForward:  # mixed in front of the torchtitan model class: names an
         return super().forward(input_ids, position_ids, mask)
 
 
-def build(hf_config, fixes=FIXES, device="cpu", tweak=None):
+def build(hf_config, fixes=FIXES, tweak=None):
     cfg = titan_config(hf_config, fixes)
     if tweak is not None:  # discrepancies.py: an alternative mapping, applied to torchtitan's config
         tweak(cfg)
     cls = type(f"{cfg._owner.__name__}Candidate", (ContractForward, cfg._owner), {"masks": "masks" in fixes})
     with torch.device("meta"):
         model = cls(cfg)
-    model.to_empty(device=device)
+    model.to_empty(device="cpu")
     with torch.no_grad():
-        model.init_states(buffer_device=None)
+        model.init_states()
     swaps = {GroupedExperts: GroupedExpertsFP32 if "fp32_experts" in fixes else None,
              FlexAttention: SDPAFromBlockMask if "sdpa_attention" in fixes else None}
     for m in model.modules():
@@ -198,17 +198,15 @@ def cast(model, dtype, keep_fp32=frozenset()):
     return model
 
 
-def _adapter(config):
-    adapter = {"deepseek_v3": DeepSeekV3StateDictAdapter, "qwen3_moe": Qwen3StateDictAdapter}[config.model_type]
-    return adapter(titan_config(config), None)
+ADAPTERS = {"deepseek_v3": DeepSeekV3StateDictAdapter, "qwen3_moe": Qwen3StateDictAdapter}
 
 
 def to_candidate(hf_state, config):
-    return _adapter(config).from_hf(hf_state)
+    return ADAPTERS[config.model_type](titan_config(config), None).from_hf(hf_state)
 
 
 def to_hf(cand_state, config):
-    return {k: v.contiguous() for k, v in _adapter(config).to_hf(cand_state).items()}
+    return ADAPTERS[config.model_type](titan_config(config), None).to_hf(cand_state)
 
 
 __all__ = ["FIXES", "build", "cast", "titan_config", "to_candidate", "to_hf"]

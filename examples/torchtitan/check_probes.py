@@ -101,6 +101,13 @@ def main():
                 out = probes.call_experts(experts, x, ids, ww)
                 want = ref_experts(x, ids, ww)
             print(f"call_experts ({what}) vs transformers' experts: {describe(out)}, max|d| {float((out - want).abs().max()):.2e}")
+        ids1, w1 = torch.randint(0, E, (7, 1), generator=gen), torch.ones(7, 1)
+        with torch.no_grad():
+            want = ref_experts(x, ids1, w1)
+            raw = experts(x[None], w1[None], ids1[None], torch.bincount(ids1.reshape(-1), minlength=E))[0]
+            fixed = probes.call_experts(experts, x, ids1, w1)
+        print(f"K=1 (config top_k {K}): routed_experts called directly max|d| {float((raw - want).abs().max()):.3g}; "
+              f"call_experts (sets token_dispatcher.top_k) max|d| {float((fixed - want).abs().max()):.2e}")
         args = seen["experts"][0]
         i2, w2 = probes.read_choice(args, {})
         (fx, fw, fi, fc), _ = probes.force_choice(args, {}, i2.flip(-1), w2.flip(-1))

@@ -189,6 +189,15 @@ def main():
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--arch", default="deepseek_v3,qwen3_moe")
     args = ap.parse_args()
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "moe_conformance", "archs"], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    print(f"# torchtitan 0.3.0 vs transformers: max|delta logit| (fp32, valid tokens)\n\n`discrepancies.py --seeds "
+          f"{args.seeds}{' --compiled-flex' if args.compiled_flex else ''}`; tiny configs, weights and inputs from "
+          f"moe_conformance at {head}{' + uncommitted changes' if dirty else ''}.")
     if not args.compiled_flex:
         from torch.nn.attention.flex_attention import flex_attention
         from torchtitan.models.common.attention import FlexAttention

@@ -10,7 +10,8 @@ torchtitan's shapes, measured (DeepSeek-V3 tiny config, B=2, L=20, E=12, K=3):
   derives the per-expert token counts from the returned expert ids.
 - ``layers.N.moe.routed_experts`` (RoutedExperts) is called as ``(x [B,L,D], top_scores [B,L,K],
   expert_ids [B,L,K], tokens_per_expert [E] int64)``: weights before indices, plus counts that must
-  agree with the ids. Its ``inner_experts`` (GroupedExperts) takes already-permuted tokens and counts
+  agree with the ids, and K must be the config's top_k (``token_dispatcher.top_k``, baked in at
+  build time: another K computes wrong tokens without an error). Its ``inner_experts`` (GroupedExperts) takes already-permuted tokens and counts
   only, so it is not the module to probe.
 """
 
@@ -38,8 +39,15 @@ def _counts(routed_experts, indices) -> torch.Tensor:
 
 
 def call_experts(routed_experts, x_TH, indices_TK, weights_TK):
+    """The dispatcher maps sorted slots back to tokens by ``slot // top_k`` with the top_k of the
+    config: any other K silently mixes tokens up, so it is set to this call's K for the call."""
     indices_TK, weights_TK = indices_TK.contiguous(), weights_TK.contiguous()
-    return routed_experts(x_TH[None], weights_TK[None], indices_TK[None], _counts(routed_experts, indices_TK))[0]
+    dispatcher, top_k = routed_experts.token_dispatcher, routed_experts.token_dispatcher.top_k
+    dispatcher.top_k = indices_TK.shape[-1]
+    try:
+        return routed_experts(x_TH[None], weights_TK[None], indices_TK[None], _counts(routed_experts, indices_TK))[0]
+    finally:
+        dispatcher.top_k = top_k
 
 
 def read_choice(args, kwargs):
