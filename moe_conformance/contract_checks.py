@@ -34,9 +34,12 @@ from .checkpoint import fingerprint
 from .contract import ProbeError
 from .probing import RoutingTap, routing_layers
 
-ITEMS = ("forward", "converter", "state", "deterministic", "pairs", "routing", "experts", "capabilities")
+ITEMS = ("forward", "converter", "deterministic", "state", "pairs", "routing", "experts", "capabilities")
 # what an item needs to be checkable at all
-DEPENDS = {"forward": (), "converter": (), "state": ("forward", "converter"), "deterministic": ("forward", "converter"),
+# (a nondeterministic candidate makes every comparison of two forwards meaningless: state
+# waits for determinism)
+DEPENDS = {"forward": (), "converter": (), "deterministic": ("forward", "converter"),
+           "state": ("forward", "converter", "deterministic"),
            "pairs": ("converter",), "routing": ("forward", "converter", "pairs"),
            "experts": ("converter", "pairs"), "capabilities": ()}
 

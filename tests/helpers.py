@@ -24,7 +24,8 @@ def run_suites(pytester, *args, suite: str | None = None, plugin_source: str | N
         result = pytester.runpytest_subprocess(*argv, timeout=600)
     else:
         result = pytester.runpytest(*argv)
-    reports = {p.stem: json.loads(p.read_text()) for p in sorted(report_dir.glob("*.json"))}
+    # by arch, whether the run was complete (<arch>.json) or filtered (<arch>.partial.json)
+    reports = {r["arch"]: r for r in (json.loads(p.read_text()) for p in sorted(report_dir.glob("*.json")))}
     return result, reports
 
 

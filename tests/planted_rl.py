@@ -63,6 +63,10 @@ def _k3_log_ratio_flipped(logp, ref_logp):
     return log_ratio.exp() - log_ratio - 1
 
 
+def _kl_always_zero(logp, ref_logp):
+    return (logp - ref_logp) * 0.0  # the bug: a KL term wired to nothing (named k3, computes 0)
+
+
 def _reward_ignores_answer(text, answer):
     return rl.reverse_reward(text, text[::-1])  # the bug: scores the reference answer, not the model's
 
@@ -72,6 +76,7 @@ BUGS = {
     "logprob_off_by_one": ("kimi_k25", rl.RLHooks(engine=OffByOne)),
     "stale_engine_weights": ("qwen3_moe", rl.RLHooks(engine=StaleWeights)),
     "kl_wrong_sign": ("kimi_k25", rl.RLHooks(kl_estimator=rl.KLEstimator("k3", _k3_log_ratio_flipped))),
+    "kl_zero": ("kimi_k25", rl.RLHooks(kl_estimator=rl.KLEstimator("k3", _kl_always_zero))),
     "reward_ignores_answer": ("mixtral", rl.RLHooks(reward=_reward_ignores_answer)),
     "routing_differs": ("kimi_k25", rl.RLHooks(engine=BiasInBf16)),
 }

@@ -47,7 +47,7 @@ def test_a_worker_killed_mid_check_is_not_a_pass(pytester):
     source = _misbehaving("killed", "def ACTION():\n    os.kill(os.getpid(), 9)")
     result, reports = run_suites(pytester, *FAST, "-n", "2", plugin_source=source, plugin_name="killed_plugin",
                                  subprocess=True)
-    checks = checks_by_name(reports["killed.partial"])
+    checks = checks_by_name(reports["killed"])
     crashed = checks["test_logit_parity[killed-faithful-left_padded]"]
     assert crashed["status"] in ("failed", "error"), crashed
     assert all(c["status"] == "passed" for n, c in checks.items() if "left_padded" not in n), checks
@@ -90,7 +90,7 @@ def test_a_hanging_candidate_times_out_naming_the_check_and_the_run_goes_on(pyte
     source = _misbehaving("hangs", "def ACTION():\n    time.sleep(1000)")
     result, reports = run_suites(pytester, *FAST, "--check-timeout", "8", *workers, plugin_source=source,
                                  plugin_name="hangs_plugin", subprocess=True)
-    checks = checks_by_name(reports["hangs.partial"])
+    checks = checks_by_name(reports["hangs"])
     hung = checks["test_logit_parity[hangs-faithful-left_padded]"]
     assert hung["status"] == "failed", hung
     for fragment in ("test_logit_parity[hangs-faithful-left_padded]", "ran past its 8 s timeout", "it was running",
@@ -169,7 +169,7 @@ MUTATING = textwrap.dedent("""
 def test_a_mutating_converter_is_named_and_corrupts_nothing(pytester):
     result, reports = run_suites(pytester, "--family", "contract,roundtrip", "-k", "faithful",
                                  plugin_source=kimi_copy("mutating", MUTATING), plugin_name="mutating_plugin")
-    checks = checks_by_name(reports["mutating.partial"])
+    checks = checks_by_name(reports["mutating"])
     contract = checks["test_contract_converter[mutating-faithful]"]
     assert contract["status"] == "failed" and "to_candidate mutates its input" in contract["message"], contract
     assert not any("KeyError" in c["message"] for c in checks.values())
@@ -181,7 +181,7 @@ def test_loosened_gates_are_shown_in_the_header_and_the_report(pytester):
     result, reports = run_suites(pytester, "--family", "contract", "-k", "faithful", plugin_source=source,
                                  plugin_name="loose_plugin")
     result.stdout.fnmatch_lines(["*LOOSENED GATE: logit_parity.max_abs_logit_delta: <= 1e+09 instead of <= 0.0005*"])
-    report = reports["loose.partial"]
+    report = reports["loose"]
     assert report["loosened_gates"] and "looser than the measured profile" in report["loosened_gates"][0]
     md = (pytester.path / "reports" / "loose.partial.md").read_text()
     assert "Loosened gates" in md and "logit_parity.max_abs_logit_delta" in md
@@ -192,7 +192,7 @@ def test_understated_capabilities_fail_the_contract_naming_the_field(pytester):
                                  'shared_experts=False, correction_bias=False))\n')
     result, reports = run_suites(pytester, "--family", "contract,router_grad", "-k", "faithful", plugin_source=source,
                                  plugin_name="modest_plugin")
-    checks = checks_by_name(reports["modest.partial"])
+    checks = checks_by_name(reports["modest"])
     contract = checks["test_contract_capabilities[modest-faithful]"]
     assert contract["status"] == "failed", contract
     assert "capabilities.shared_experts=False, but the reference config/checkpoint has shared experts" in contract["message"]
@@ -220,7 +220,7 @@ def test_the_hub_is_forced_offline_even_when_the_user_says_otherwise(pytester, m
 def test_a_renamed_copy_gets_the_figures_of_the_original(pytester):
     result, reports = run_suites(pytester, "--arch", "kimi_k25,kimi_renamed", "--family", "logit_parity", "-k", "faithful",
                                  plugin_source=kimi_copy("kimi_renamed"), plugin_name="renamed_plugin")
-    original, copy = checks_by_name(reports["kimi_k25.partial"]), checks_by_name(reports["kimi_renamed.partial"])
+    original, copy = checks_by_name(reports["kimi_k25"]), checks_by_name(reports["kimi_renamed"])
     for name, c in original.items():
         twin = copy[name.replace("kimi_k25", "kimi_renamed")]
         assert c["figures"] == twin["figures"], (name, c["figures"], twin["figures"])
@@ -232,7 +232,7 @@ def test_reports_are_readable_by_others_and_complete_runs_say_so(pytester):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
-    run = reports["glm4_moe.partial"]["run"]
+    run = reports["glm4_moe"]["run"]
     assert run["status"] == "partial" and run["selection"]["families"] == ["contract"]
     assert run["exit_code"] == 0 and run["id"] and run["started"] <= run["ended"]
     assert_totals_match(result, reports)

@@ -22,6 +22,7 @@ EXPECTED = {
     "kl_wrong_sign": ("test_rl.py", "test_rl_kl_estimator",
                       ["the KL estimator named 'k3' does not compute its definition",
                        "it equals k3 with the sign of the log-ratio flipped"]),
+    "kl_zero": ("test_rl.py", "test_rl_kl", ["KL is zero after the first update"]),
     "reward_ignores_answer": ("test_rl.py", "test_rl_reward",
                               ["the reward does not score the answer", "the reward ignores the answer"]),
     "routing_differs": ("test_rl.py", "test_rl_routing_consistency",

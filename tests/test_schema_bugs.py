@@ -55,3 +55,30 @@ def test_renamed_candidate_parameter_shows_as_a_schema_diff(pytester):
     candidate = checks["test_candidate_schema[team_qwen3-faithful]"]
     assert candidate["status"] == "failed", candidate
     assert "final_norm.weight" in candidate["message"] and "snapshot" in candidate["message"].lower(), candidate["message"]
+
+
+LAYERED = textwrap.dedent("""
+    import dataclasses
+    from moe_conformance.registry import discover
+    spec = discover()[0]["qwen3_moe"].load()
+    faithful = spec.variant("faithful")
+    EXTRA = {extra}
+
+    def config():
+        cfg = faithful.config()
+        cfg.num_hidden_layers += EXTRA  # a PR changes the tiny config: the checkpoint format changes
+        return cfg
+
+    ARCH = dataclasses.replace(spec, name="team_qwen3_layers", variants=(dataclasses.replace(faithful, config=config),))
+""")
+
+
+def test_checkpoint_format_change_shows_as_a_schema_diff(pytester):
+    _, reports = run_suites(pytester, "--snapshot-update", suite="test_schema.py",
+                            plugin_source=LAYERED.format(extra=0), plugin_name="layers_v1")
+    assert {c["status"] for c in reports["team_qwen3_layers"]["checks"]} == {"passed"}
+    _, reports = run_suites(pytester, suite="test_schema.py", plugin_source=LAYERED.format(extra=1),
+                            plugin_name="layers_v2")
+    checkpoint = checks_by_name(reports["team_qwen3_layers"])["test_checkpoint_schema[team_qwen3_layers-faithful]"]
+    assert checkpoint["status"] == "failed", checkpoint
+    assert "model.layers.2." in checkpoint["message"] and "snapshot" in checkpoint["message"].lower(), checkpoint["message"]
