@@ -176,11 +176,13 @@ def build(hf_config, fixes=FIXES, tweak=None):
     if tweak is not None:  # discrepancies.py: an alternative mapping, applied to torchtitan's config
         tweak(cfg)
     cls = type(f"{cfg._owner.__name__}Candidate", (ContractForward, cfg._owner), {"masks": "masks" in fixes})
+    device = torch.get_default_device()  # meta under the dry run: stays there, nothing allocated
     with torch.device("meta"):
         model = cls(cfg)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        model.init_states()
+    if device.type != "meta":
+        model.to_empty(device=device)
+        with torch.no_grad():
+            model.init_states()
     swaps = {GroupedExperts: GroupedExpertsFP32 if "fp32_experts" in fixes else None,
              FlexAttention: SDPAFromBlockMask if "sdpa_attention" in fixes else None}
     for m in model.modules():
@@ -193,7 +195,7 @@ def cast(model, dtype, keep_fp32=frozenset()):
 
     model = default_cast(model, dtype, keep_fp32)
     for m in model.modules():
-        if isinstance(m, RoPE):
+        if isinstance(m, RoPE) and m.cache.device.type != "meta":
             m.cache = m._precompute_cache().to(m.cache.device)
     return model
 
