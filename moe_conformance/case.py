@@ -43,8 +43,10 @@ def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 
 
 class ArchCase:
-    def __init__(self, spec: ArchSpec, variant: str, seed: int = 0, device: str = "cpu"):
+    def __init__(self, spec: ArchSpec, variant: str, seed: int = 0, device: str = "cpu", kernels=(), dtype: str = "float32"):
         self.spec = spec
+        self.kernel_names = tuple(kernels)  # selected with --kernels, beside those the plugin declares
+        self.dtype = getattr(torch, dtype)
         self.variant = spec.variant(variant)
         self.seed = seed
         self.device = torch.device(device)
@@ -118,9 +120,27 @@ class ArchCase:
 
     @cached_property
     def disk_state(self) -> dict[str, torch.Tensor]:
-        """The on-disk HF checkpoint tensors: the oracle for conversion checks."""
+        """The on-disk HF checkpoint tensors: the oracle for conversion checks (the reference's
+        own save, plus the tensors the release holds that the reference does not load)."""
         with tempfile.TemporaryDirectory() as tmp:
-            return read_checkpoint(self.save_reference(Path(tmp)))
+            return self.with_extras(read_checkpoint(self.save_reference(Path(tmp))))
+
+    def with_extras(self, disk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``disk`` (a save of the reference) with the arch's declared extra tensors added
+        (``ArchSpec.disk_extras``, e.g. MTP layers), shaped and typed like ``disk``'s own."""
+        extras = self.spec.disk_extras
+        if extras is None:
+            return disk
+        return {**disk, **extras.tensors(disk, self.model_config, seed=self.case_seed + 104729)}
+
+    @cached_property
+    def extra_disk_keys(self) -> frozenset[str]:
+        """The on-disk keys the reference does not load (declared extras): checkpoints written
+        for the reference carry them, and its loader is told to expect them."""
+        extras = self.spec.disk_extras
+        if extras is None:
+            return frozenset()
+        return frozenset(extras.tensors(self.disk_state, self.model_config, seed=None))
 
     # ---- conversion: the converter gets the case's config and copies (a converter that
     # mutates its input must not corrupt the cached checkpoint other checks read)
@@ -199,6 +219,18 @@ class ArchCase:
             return expand_pairs(self.spec.probes.pairs, self.num_layers)
         legacy = getattr(self.spec.converter, "module_pairs", None)
         return list(legacy(self.num_layers)) if callable(legacy) else []
+
+    def kernel_subjects(self) -> list:
+        """The kernels under test: the plugin's declared ones, then the selected ones."""
+        from .kernel_checks.subjects import resolve
+
+        subjects, seen = [], set()
+        for k in (*self.spec.kernels, *self.kernel_names):
+            subject = resolve(k)
+            if subject.name not in seen:
+                seen.add(subject.name)
+                subjects.append(subject)
+        return subjects
 
     def routing_fields(self) -> frozenset[str]:
         """Which RouterReading fields the candidate's probes give on every MoE layer (one eval

@@ -14,6 +14,11 @@ Required (every check relies on these, and the ``contract`` family checks them f
   the HF side is the on-disk checkpoint (what ``save_pretrained`` writes). Converters get copies
   of their input; ``config`` is the same config the candidate was built from.
 - ``copy.deepcopy(model)`` works and eval mode is deterministic.
+- The candidate builds under the current default device: the dry run builds the released,
+  full-size config inside ``with torch.device("meta")``; a factory that moves its model to the
+  CPU explicitly would materialize hundreds of GB. Parameter names may differ from state-dict
+  names (fused parameters exposed as separate state entries): the suites go through
+  ``state_dict()`` and the converter.
 
 Optional (declared in ``ArchSpec(probes=Probes(...))`` and friends; each unlocks checks, and a
 check whose probe is not declared reports "not applicable" with what to declare):
@@ -74,22 +79,32 @@ def read_logits_weights_indices(output: Any) -> RouterReading:
         what = f"{len(output)} values" if isinstance(output, (tuple, list)) else f"a {type(output).__name__}"
         raise ProbeError(f"router output is {what}, expected 3 (router_logits, topk_weights, topk_indices)")
     logits, weights, indices = output
+    kinds = ["integer" if not getattr(t, "is_floating_point", lambda: True)() else "float" for t in output]
+    if kinds != ["float", "float", "integer"]:
+        # another 3-tuple (torchtitan's (top_scores, expert_ids, scores)) must not be read as this one
+        raise ProbeError(f"router output is 3 values of kinds {kinds}, expected (router_logits float, topk_weights "
+                         f"float, topk_indices integer): declare RouterProbe(read=...) for this router")
     return RouterReading(indices=indices, weights=weights, logits=logits)
 
 
 def force_logits_weights_indices(output: Any, forced: RouterReading) -> Any:
     logits, weights, indices = output
-    return logits, forced.weights.to(weights.dtype).reshape(weights.shape), forced.indices.to(indices.dtype).reshape(indices.shape)
+    # contiguous: dispatchers .view() what the router returns
+    return (logits, forced.weights.to(weights.dtype).reshape(weights.shape).contiguous(),
+            forced.indices.to(indices.dtype).reshape(indices.shape).contiguous())
 
 
 @dataclass(frozen=True)
 class RouterProbe:
     """How to read a router module's forward output (``read(output) -> RouterReading``) and how
     to replace its decision (``force(output, reading) -> output``; None: it cannot be forced
-    there, so force at the experts probe or the routing-pinned checks are not applicable)."""
+    there, so force at the experts probe or the routing-pinned checks are not applicable).
+    ``logits_from``: a child of the router module whose output is the router logits [T, E]
+    (torchtitan's ``gate``), for routers whose own output carries no logits."""
 
     read: Callable[[Any], RouterReading] = read_logits_weights_indices
     force: Callable[[Any, RouterReading], Any] | None = force_logits_weights_indices
+    logits_from: str | None = None
 
 
 def call_hidden_indices_weights(experts: Any, x_TH: Any, indices_TK: Any, weights_TK: Any) -> Any:
@@ -106,7 +121,8 @@ def choice_from_args(args: tuple, kwargs: dict) -> tuple[Any, Any]:
 
 def force_choice_in_args(args: tuple, kwargs: dict, indices: Any, weights: Any) -> tuple[tuple, dict]:
     hidden, old_i, old_w, *rest = args
-    return (hidden, indices.to(old_i.dtype).reshape(old_i.shape), weights.to(old_w.dtype).reshape(old_w.shape), *rest), kwargs
+    return (hidden, indices.to(old_i.dtype).reshape(old_i.shape).contiguous(),
+            weights.to(old_w.dtype).reshape(old_w.shape).contiguous(), *rest), kwargs
 
 
 @dataclass(frozen=True)
@@ -147,11 +163,13 @@ class ProbeError(ValueError):
 
 
 def default_cast(model: Any, dtype: Any, keep_fp32: frozenset[str] = frozenset()) -> Any:
-    """``model.to(dtype)``, then the named tensors (parameters or buffers, candidate naming)
-    back to fp32: the tensors the reference keeps in fp32 in its own bf16 checkpoint."""
+    """Every floating-point parameter and buffer to ``dtype`` (complex ones, such as a complex
+    RoPE cache, are left alone: ``model.to(bf16)`` would drop their imaginary part), then the
+    named tensors (candidate naming) back to fp32: the tensors the reference keeps in fp32 in
+    its own bf16 checkpoint."""
     import torch
 
-    model = model.to(dtype)
+    model = model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
     if keep_fp32:
         named = dict(model.named_parameters(remove_duplicate=False))
         named.update(model.named_buffers(remove_duplicate=False))
@@ -186,3 +204,58 @@ class Violations:
     """Contract problems found on the actual candidate, by convention name."""
 
     problems: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """Expert parallelism: how the plugin shards its candidate, and its distributed training
+    pieces. Declared as ``ArchSpec(expert_parallel=ExpertParallel(shard=...))``; without it the
+    ``expert_parallel`` checks report "not applicable".
+
+    The ``expert_parallel`` family starts ``world_size`` processes (torch.distributed: gloo on
+    CPU, NCCL with one GPU per rank), builds the full candidate in each from the same converted
+    checkpoint, and calls ``shard(model, rank, world_size, group) -> model``: the rank's
+    expert-parallel shard, its collectives over ``group`` (a torch.distributed process group of
+    ``world_size`` ranks; ``rank`` is the rank in it: use the group, not the default group).
+    Each rank then runs its own rows of the batch (data parallel across the group, experts
+    split across it). The shard keeps:
+
+    - the candidate's forward convention, on the rank's rows only;
+    - the module names that ``Probes.pairs`` declares for routers and experts, so the probes
+      read and drive the shard as they do the full model: its experts module takes the rank's
+      tokens with their choices (any expert of the whole model) and returns their weighted sum,
+      wherever the chosen experts live;
+    - every tensor of the full candidate's state, on some rank: ``locate(shard, name) ->
+      (full_name, rows)`` says where the shard's tensor ``name`` sits in the full candidate's
+      state: ``rows`` a ``slice`` of the full tensor's first dimension (an expert-sharded
+      tensor) or None (the whole tensor, replicated). None: same names, and a tensor whose
+      first dimension is shorter than the full one's holds contiguous rows in rank order.
+
+    Training, as the team's trainer runs it (each optional; a check needing one that is not
+    declared reports "not applicable"):
+
+    - ``reduce_gradients(shard, group)``: called after backward. Each rank's loss is its share
+      of the group's batch loss (summed over the ranks it is the loss of the whole batch), so
+      after this call every gradient must be the whole batch's: replicated parameters summed
+      over the group, expert shards complete. None: the shard reduces them itself in backward
+      (e.g. DDP hooks).
+    - ``aux_loss(router_logits, top_k, attention_mask, group) -> scalar``: the rank's share of
+      the load-balancing loss of the group's whole batch (``TrainingHooks.aux_loss``'s
+      definition, its statistics all-reduced over the group): summed over the ranks it is the
+      single-process aux loss of the whole batch. ``router_logits``: the rank's MoE layers'
+      [T, E] logits as the probes read them; ``attention_mask``: the rank's rows.
+    - ``bias_update(bias, local_load, rate, group)``: the aux-loss-free balancing update of
+      one layer's selection bias, in place, from the rank's own tokens per expert
+      (``local_load`` [E], padding excluded): the load of the group's whole batch must be used
+      (all-reduced before the update), so every rank ends with the single-process update's bias.
+
+    ``timeout``: seconds the ranks may take once started; a rank that hangs past it (or exits)
+    fails the checks naming it, and every process of the launch is killed.
+    """
+
+    shard: Callable[[Any, int, int, Any], Any]
+    locate: Callable[[Any, str], tuple[str, Any]] | None = None
+    reduce_gradients: Callable[[Any, Any], None] | None = None
+    aux_loss: Callable[..., Any] | None = None
+    bias_update: Callable[..., None] | None = None
+    timeout: float = 120.0

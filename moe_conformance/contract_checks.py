@@ -289,6 +289,22 @@ def check_experts(case) -> str | None:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (5, H):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         return f"ExpertsProbe.call on {layers[0].experts} returned {shape}, expected [T=5, H={H}]"
+    # the call must compute what it is asked: with one expert per token at weight 1, then two
+    # experts at weights a and b, the output is a*out_i + b*out_j (a call that bakes in another
+    # K, or reads the arguments in another order, mixes tokens up without an error)
+    module = modules[layers[0].experts]
+    i, j = idx[:, :1] % E, (idx[:, :1] + 1) % E
+    one = torch.ones(5, 1, device=case.device)
+    a = torch.linspace(0.2, 0.7, 5, device=case.device)[:, None]
+    with torch.no_grad():
+        out_i, out_j = probe.call(module, x, i, one), probe.call(module, x, j, one)
+        both = probe.call(module, x, torch.cat((i, j), dim=1), torch.cat((a, 1 - a), dim=1))
+    want = a * out_i + (1 - a) * out_j
+    delta = float((both.double() - want.double()).abs().max() / want.abs().max().clamp_min(1e-30))
+    if not delta <= 1e-4:
+        return (f"ExpertsProbe.call on {layers[0].experts} does not compute the weighted sum of the experts it is "
+                f"given: call(x, [i, j], [a, 1-a]) differs from a*call(x, [i], [1]) + (1-a)*call(x, [j], [1]) by "
+                f"{delta:.3g} relative (a top-k baked in at build time, or indices and weights read in another order)")
     return None
 
 

@@ -13,7 +13,11 @@ keys for most archs) to the candidate's state dict and back. It is declared as a
   and up rows alternate; ``transposed``: [E, H, 2I]);
 - ``Concat(hfs, cand, dim=0)``: several tensors concatenated (a fused qkv projection);
 - ``Transform(hf, cands, split, join)``: one on-disk tensor that is several candidate tensors
-  (gpt-oss's fused, transposed, interleaved ``gate_up_proj``).
+  (gpt-oss's fused, transposed, interleaved ``gate_up_proj``);
+- ``Tied(hf, cand, source, tied)``: a tensor that the config may tie to another (the LM head to
+  the embeddings): untied, a ``Rename``; tied, it has no on-disk key (``save_pretrained`` writes
+  the embedding once), ``to_candidate`` fills it from ``source`` and ``to_hf`` drops it after
+  checking it still equals ``source``; a tied config whose checkpoint holds the key is an error.
 
 Every key must be claimed by a rule, in both directions: an unexpected key is an error that
 names it, never silently dropped. Expert numbering is validated (transformers' own loader does
@@ -34,7 +38,7 @@ from .contract import ModulePair
 
 __all__ = [
     "Concat", "ConversionError", "FuseExperts", "KeyMapConverter", "ModulePair", "Rename", "StackExperts",
-    "Transform", "GATE_UP_SWAPPED", "SWIGLU_NAMES", "MIXTRAL_NAMES", "swap_expert_names",
+    "Tied", "Transform", "tie_word_embeddings", "GATE_UP_SWAPPED", "SWIGLU_NAMES", "MIXTRAL_NAMES", "swap_expert_names",
 ]
 
 
@@ -170,6 +174,37 @@ class Transform:
         return [self.join(*cands)]
 
 
+def tie_word_embeddings(config) -> bool | None:
+    """The config's tie flag (the language model's: a nested ``text_config`` when there is one);
+    None without a config."""
+    if config is None:
+        return None
+    text = getattr(config, "text_config", None)
+    return bool(getattr(text if text is not None else config, "tie_word_embeddings", False))
+
+
+@dataclass(frozen=True)
+class Tied:
+    hf: str  # the on-disk key when untied (lm_head.weight)
+    cand: str  # the candidate tensor (output.weight)
+    source: str  # the candidate tensor it is tied to (tok_embeddings.weight)
+    tied: object = tie_word_embeddings  # config -> bool | None (None: no config given)
+
+    @property
+    def hfs(self):
+        return (self.hf,)
+
+    @property
+    def cands(self):
+        return (self.cand,)
+
+    def to_cand(self, parts):
+        return [parts[0]]
+
+    def to_disk(self, cands):
+        return [cands[0]]
+
+
 def _some(keys: list[str], limit: int = 8) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -225,8 +260,13 @@ class KeyMapConverter:
         if unexpected:
             raise ConversionError(f"no conversion rule for checkpoint key(s): {_some(unexpected)}")
         out: dict[str, torch.Tensor] = {}
+        tied_rules = [r for r in self.rules if isinstance(r, Tied)]
         for (index, layer), parts in groups.items():
             rule = self.rules[index]
+            if isinstance(rule, Tied) and rule.tied(config):
+                raise ConversionError(f"checkpoint key {self.disk_prefix}{rule.hf} is present, but the config ties it to "
+                                      f"the embeddings (tie_word_embeddings=True): a tied checkpoint stores it once, as "
+                                      f"the embedding; which one is meant?")
             cand_keys = [t.format(i=layer) if "{i}" in t else t for t in rule.cands]
             missing = [rule.hfs[n] for n in range(len(rule.hfs)) if n not in parts]
             if missing:
@@ -244,6 +284,12 @@ class KeyMapConverter:
                 else:
                     ordered.append(parts[n])
             out.update(zip(cand_keys, rule.to_cand(ordered)))
+        for rule in tied_rules:
+            present = any(self.rules[i] is rule for i, _ in groups)
+            if rule.tied(config) or (rule.tied(config) is None and not present):
+                if rule.source not in out:
+                    raise ConversionError(f"{rule.cand} is tied to {rule.source}, which the checkpoint does not give")
+                out[rule.cand] = out[rule.source].clone()
         return out
 
     # ---- candidate -> HF on-disk
@@ -268,6 +314,17 @@ class KeyMapConverter:
                 raise ConversionError(f"{', '.join(fill(t, e='E') for t in rule.hfs)} needs candidate key(s) "
                                       f"{', '.join(t.format(i=layer) for t in missing)}")
             cands = [parts[n] for n in range(len(rule.cands))]
+            if isinstance(rule, Tied):
+                source = cand_sd.get(rule.source)
+                tied = rule.tied(config)
+                same = (source is not None and source.shape == cands[0].shape
+                        and (source.is_meta or cands[0].is_meta or torch.equal(source, cands[0])))  # meta: shapes only
+                if tied and not same:
+                    raise ConversionError(
+                        f"{rule.cand} is tied to {rule.source} (tie_word_embeddings=True) but holds different values: "
+                        f"the candidate's head is not tied, and a tied checkpoint has room for only one of them")
+                if tied or (tied is None and same):
+                    continue
             if isinstance(rule, Concat):
                 sizes = self.concat_sizes.get(rule.cand)
                 if sizes is None or config is None:

@@ -411,13 +411,22 @@ class DryRun:
             prefix = getattr(self.spec.converter, "disk_prefix", "") or ""
             saved = saved_state(model, self.dtype)
             counts = count_parameters(model, saved, int(getattr(self.model_config, "num_experts_per_tok", 0) or 0))
-            return disk_state(model, saved, prefix), counts
+            disk = disk_state(model, saved, prefix)
+            # what the release holds beyond the reference's own save (MTP layers), on meta
+            extras = self.spec.disk_extras.tensors(disk, self.model_config) if self.spec.disk_extras is not None else {}
+            return {**disk, **extras}, counts, sum(t.numel() for t in extras.values())
 
         return self._timed("reference", build)
 
     @property
     def disk(self) -> dict[str, torch.Tensor]:
         return self._reference[0]
+
+    @property
+    def extra_params(self) -> int:
+        """Parameters of the declared extra checkpoint tensors (MTP layers): the release holds
+        them, the reference model (and so ``counts``) does not."""
+        return self._reference[2]
 
     @property
     def counts(self) -> ParamCounts:

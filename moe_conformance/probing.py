@@ -75,6 +75,9 @@ class RoutingTap:
         modules = dict(model.named_modules())
         self._routers = {l.layer: modules[l.router] for l in self.layers if l.router}
         self._experts = {l.layer: modules[l.experts] for l in self.layers if l.experts}
+        child = self.router_probe.logits_from if self.router_probe is not None else None
+        self._logits = {i: modules[f"{l.router}.{child}"] for i, l in ((l.layer, l) for l in self.layers)
+                        if child and l.router and f"{l.router}.{child}" in modules}
         self.readings: dict[int | None, RouterReading] = {}
         self.errors: list[str] = []
 
@@ -93,6 +96,11 @@ class RoutingTap:
                 self.errors.append(f"router probe on {self._name(layer, 'router')}: {type(exc).__name__}: {exc}")
                 return
             self.readings[layer] = _merge(self.readings.get(layer), reading)
+        return hook
+
+    def _on_logits(self, layer):
+        def hook(module, args, output):
+            self.readings[layer] = _merge(self.readings.get(layer), RouterReading(logits=output))
         return hook
 
     def _on_experts(self, layer):
@@ -117,7 +125,8 @@ class RoutingTap:
     @contextmanager
     def __call__(self) -> Iterator[RoutingTap]:
         self.readings, self.errors = {}, []
-        handles = [m.register_forward_hook(self._on_router(i)) for i, m in self._routers.items()]
+        handles = [m.register_forward_hook(self._on_logits(i)) for i, m in self._logits.items()]
+        handles += [m.register_forward_hook(self._on_router(i)) for i, m in self._routers.items()]
         handles += [m.register_forward_pre_hook(self._on_experts(i), with_kwargs=True) for i, m in self._experts.items()]
         try:
             yield self

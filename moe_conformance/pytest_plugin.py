@@ -52,6 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--family", default=None, metavar="NAMES",
                     help="run only these check families, e.g. 'contract,logit_parity' (default: all)")
     group.addoption("--device", default="cpu", help="torch device for the checks: cpu (default) or cuda")
+    group.addoption("--kernels", default=None, metavar="NAMES",
+                    help="kernels the kernels family checks besides those a plugin declares: bundled 'triton', 'torch', "
+                         "or a team's 'module:ATTRIBUTE' (comma-separated)")
+    group.addoption("--dtype", default="float32", choices=("float32", "bfloat16", "bf16"),
+                    help="precision of the models under test: float32 (semantic parity, default) or bf16 (the "
+                         "production profile: bf16 weights, gates from a bf16 noise floor)")
     group.addoption("--report-dir", default="reports", help="where <arch>.json and <arch>.md go (default: reports/)")
     group.addoption("--seed", type=int, default=0, help="base seed for tiny models and inputs (default: 0)")
     group.addoption("--check-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -119,6 +125,8 @@ class Conformance:
         self.device = config.getoption("device")
         self.seed = config.getoption("seed")
         self.timeout = config.getoption("check_timeout")
+        self.kernels = [k.strip() for k in (config.getoption("kernels") or "").split(",") if k.strip()]
+        self.dtype = {"bf16": "bfloat16"}.get(config.getoption("dtype"), config.getoption("dtype"))
         self.families = _families(config.getoption("family"))
         self.report_dir = Path(config.getoption("report_dir"))
         if not self.report_dir.is_absolute():
@@ -177,8 +185,9 @@ class Conformance:
         versions = report.package_versions()
         lines = [
             f"moe-conformance: torch {versions['torch']}, transformers {versions['transformers']}, "
-            f"triton {versions['triton']}; device {self.device}; seed {self.seed}; reports -> {self.report_dir}; "
-            f"check timeout {self.timeout:g} s"
+            f"triton {versions['triton']}; device {self.device}; dtype {self.dtype}; seed {self.seed}; "
+            f"reports -> {self.report_dir}; check timeout {self.timeout:g} s"
+            + (f"; kernels {', '.join(self.kernels)}" if self.kernels else "")
         ]
         lines += [f"moe-conformance WARNING: {w}" for w in support.warnings()]
         for name, entry in self.entries.items():
@@ -217,7 +226,7 @@ class Conformance:
             spec = self._spec(ref.arch)
             xf = spec.expected_failure(item.originalname, family_of(item), ref.variant, item.name)
             if xf is not None:
-                item.add_marker(pytest.mark.xfail(reason=xf.reason, strict=True))
+                item.add_marker(pytest.mark.xfail(reason=xf.reason, strict=xf.strict))
         rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
         items.sort(key=lambda it: rank.get(family_of(it), len(rank)))  # stable: file order within a family
 
@@ -236,7 +245,8 @@ class Conformance:
             from .case import ArchCase
 
             torch.set_num_threads(1)  # same reductions serially and under xdist: same figures
-            self._cases[key] = ArchCase(self._spec(ref.arch), ref.variant, seed=self.seed, device=self.device)
+            self._cases[key] = ArchCase(self._spec(ref.arch), ref.variant, seed=self.seed, device=self.device,
+                                        kernels=self.kernels, dtype=self.dtype)
         return self._cases[key]
 
     # ---- timeouts: every phase of a check, on the process that runs it
@@ -439,7 +449,7 @@ class Conformance:
             sys.stderr.write(f"moe-conformance: the HTML report could not be written: {type(exc).__name__}: {exc}\n")
 
 
-_SEVERITY = {"passed": 1, "xfailed": 1, "skipped": 1, "not_applicable": 1, "blocked": 1, "failed": 3, "error": 3,
+_SEVERITY = {"passed": 1, "xfailed": 1, "xpassed": 1, "skipped": 1, "not_applicable": 1, "blocked": 1, "failed": 3, "error": 3,
              "interrupted": 2}
 
 
@@ -497,7 +507,11 @@ def _status(rep: pytest.TestReport, kind: str | None) -> tuple[str | None, str]:
             return (kind or "skipped"), _message(rep)
         return None, ""
     if xfail is not None:
-        return ("xfailed", xfail) if rep.skipped else ("failed", f"unexpectedly passed (strict xfail: {xfail})")
+        if rep.skipped:
+            return "xfailed", xfail
+        if rep.passed:  # a non-strict expected failure that did not happen
+            return "xpassed", f"passed although expected to fail (non-strict: {xfail})"
+        return "failed", f"unexpectedly passed (strict xfail: {xfail})"
     if rep.passed:
         return "passed", ""
     return ("skipped" if rep.skipped else "failed"), _message(rep)

@@ -22,7 +22,7 @@ from . import support
 SCHEMA_VERSION = 2
 # a check's status: from pytest's outcome of its phases; "not_applicable" and "blocked" are
 # pytest skips with a declared reason, "interrupted" a check that never finished
-STATUSES = ("passed", "failed", "error", "interrupted", "blocked", "not_applicable", "skipped", "xfailed")
+STATUSES = ("passed", "failed", "error", "interrupted", "blocked", "not_applicable", "skipped", "xfailed", "xpassed")
 LOOSENED_FACTOR = 10.0
 
 

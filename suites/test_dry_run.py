@@ -75,9 +75,11 @@ def test_dry_run_parameters(arch, record):
     counts = _stage(arch, "building the reference from the released config", lambda: run.counts)
     candidate = _stage(arch, "building the candidate from the released config", lambda: run.candidate)
     candidate_total = sum(t.numel() for t in candidate.values())
-    delta = candidate_total - counts.total
+    # the candidate also holds the release's extra tensors (MTP layers) that the reference drops
+    delta = candidate_total - counts.total - run.extra_params
     record(figures={**counts.figures(layouts_from_env()), **describe_release(run),
                     "params_candidate": candidate_total, "params_delta": delta,
+                    "params_disk_extras": run.extra_params,
                     "stage_seconds": dict(run.seconds)},
            thresholds={"params_delta": 0},
            # counts are exact: any change is a change (the PR diff lists it)
@@ -85,7 +87,8 @@ def test_dry_run_parameters(arch, record):
     if delta:
         where = _schema(arch, run, "converted", "to_candidate on the full-size checkpoint")
         arch.fail("the full-size candidate does not hold the reference's parameters", [
-            f"candidate {candidate_total:,} parameters, reference {counts.total:,} ({delta:+,})",
+            f"candidate {candidate_total:,} parameters, reference {counts.total:,}"
+            + (f" + {run.extra_params:,} in declared extra tensors" if run.extra_params else "") + f" ({delta:+,})",
             *schema_problems(run.schema("candidate"), where, "the candidate", "to_candidate(checkpoint)", dtypes=False),
         ])
 

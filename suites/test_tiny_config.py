@@ -32,13 +32,36 @@ def _sizes(arch):
     return {n: getattr(cfg, n) for n in names if getattr(cfg, n, None)}
 
 
+def _coincidences(arch) -> dict[str, str]:
+    """Every size coincidence that hides a layout bug, by the trap (spec.TRAPS) that would
+    declare it on purpose: equal sizes (a transpose or a wrong split dim keeps its shape), and
+    an expert size whose double is the hidden size (a fused [2I, H] gate_up is square)."""
+    sizes = _sizes(arch)
+    expert = "moe_intermediate_size" if "moe_intermediate_size" in sizes else "intermediate_size"
+    found = {}
+    names = list(sizes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if sizes[a] == sizes[b]:
+                trap = "square_experts" if {a, b} == {"hidden_size", expert} else None
+                found[f"{a} == {b} == {sizes[a]}"] = trap
+    if expert in sizes and 2 * sizes[expert] == sizes.get("hidden_size"):
+        found[f"2 * {expert} == hidden_size == {sizes['hidden_size']}"] = "square_gate_up"
+    return found
+
+
 @conformance(subject="plugin", requires=())
 def test_sizes_pairwise_distinct(arch, record):
     sizes = _sizes(arch)
-    record(figures=sizes)
-    clashes = [(a, b) for i, a in enumerate(sizes) for b in list(sizes)[i + 1:] if sizes[a] == sizes[b]]
-    assert not clashes, f"{arch.id}: equal sizes hide transposes and wrong split dims: " + ", ".join(
-        f"{a} == {b} == {sizes[a]}" for a, b in clashes)
+    traps = arch.variant.traps
+    record(figures={**sizes, "traps": sorted(traps)})
+    found = _coincidences(arch)
+    clashes = [what for what, trap in found.items() if trap not in traps]
+    assert not clashes, f"{arch.id}: equal sizes hide transposes and wrong split dims: " + ", ".join(clashes) + (
+        " (a trap variant declares the coincidence: Variant(traps=...))" if any(found[c] for c in clashes) else "")
+    declared = {t for t in traps if t in ("square_experts", "square_gate_up")}
+    inert = sorted(declared - set(found.values()))
+    assert not inert, f"{arch.id}: declares trap(s) {inert}, but its sizes do not coincide that way: {sizes}"
 
 
 @conformance(subject="plugin", requires=())
@@ -47,7 +70,10 @@ def test_routing_topology(arch, record):
     E, k = arch.num_experts, cfg.num_experts_per_tok
     n_group, topk_group = getattr(cfg, "n_group", 1) or 1, getattr(cfg, "topk_group", 1) or 1
     record(figures={"experts": E, "top_k": k, "n_group": n_group, "topk_group": topk_group})
-    assert 1 < k < E, f"{arch.id}: top_k={k} must be > 1 and < num_experts={E} so selection matters"
+    if "top1" in arch.variant.traps:
+        assert k == 1, f"{arch.id}: declares the top1 trap, but top_k={k}"
+    else:
+        assert 1 < k < E, f"{arch.id}: top_k={k} must be > 1 and < num_experts={E} so selection matters"
     if n_group > 1:
         assert topk_group < n_group, f"{arch.id}: topk_group={topk_group} must be < n_group={n_group} to mask groups"
         assert k <= topk_group * E // n_group, f"{arch.id}: top_k={k} exceeds what {topk_group} kept groups hold"

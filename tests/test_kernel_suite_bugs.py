@@ -23,7 +23,7 @@ BROKEN_KERNEL = textwrap.dedent("""
     import torch
     triton_moe.moe_experts_triton = _drops_row_3
     known, _ = discover()
-    ARCH = dataclasses.replace(known["qwen3_moe"].load(), name="qwen3_moe_broken_kernel")
+    ARCH = dataclasses.replace(known["qwen3_moe"].load(), name="qwen3_moe_broken_kernel", kernels=("triton",))
 """)
 
 

@@ -1,31 +1,71 @@
-"""torchtitan 0.3.0 as the candidate of the built-in deepseek_v3 and qwen3_moe archs (same tiny
-configs, reference and capabilities; torchtitan's model, converters and probes).
+"""torchtitan 0.3.0 as the candidate of the built-in deepseek_v3 and qwen3_moe archs (the same
+tiny configs, reference and capabilities; torchtitan's model, converters and probes).
 
     bash scripts/setup_torchtitan.sh
-    TRITON_INTERPRET=1 .venv-torchtitan/bin/pytest --arch-plugin examples/torchtitan/plugin.py \\
-        --arch torchtitan_deepseek_v3,torchtitan_qwen3_moe
+    .venv-torchtitan/bin/pytest --arch-plugin examples/torchtitan/plugin.py
 
-TORCHTITAN_FIXES=masks,sdpa_attention (a comma list of build.FIXES; default: all) runs the suites on
-torchtitan with only those corrections, to see what the suites say about the others.
+Two candidates per arch:
+
+- ``torchtitan_<arch>``: torchtitan as it is, with only the glue the contract needs (its
+  attention takes a flex BlockMask, so the contract forward builds one from attention_mask and
+  position_ids; on CPU the BlockMask runs through SDPA, flex has no CPU backward). Every way it
+  computes something else than transformers is a strict expected failure naming the cause.
+- ``torchtitan_fixed_<arch>``: the same with the corrections of build.FIXES applied in the
+  plugin: green on every family.
 """
 
-import functools
-import os
 import sys
+from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import build  # noqa: E402
 import probes  # noqa: E402
+from moe_conformance import ExpectedFailure  # noqa: E402
 from moe_conformance.registry import discover  # noqa: E402
 
-FIXES = tuple(f for f in os.environ.get("TORCHTITAN_FIXES", ",".join(build.FIXES)).split(",") if f)
-CONVERTER = SimpleNamespace(to_candidate=build.to_candidate, to_hf=build.to_hf)
-ARCHS = tuple(
-    discover()[0][name].load().replace(name=f"torchtitan_{name}", candidate=functools.partial(build.build, fixes=FIXES), converter=CONVERTER,
-                                       probes=probes.probes(name), cast=build.cast,
-                                       decoding=None)  # torchtitan 0.3.0's decoder has no KV cache
-    for name in ("deepseek_v3", "qwen3_moe")
-)
+GLUE = ("masks", "sdpa_attention")  # the contract's inputs, training on CPU: not corrections
+CONVERTER = type("TorchtitanConverter", (), {"to_candidate": staticmethod(build.to_candidate),
+                                             "to_hf": staticmethod(build.to_hf)})()
+
+# What torchtitan 0.3.0 computes differently (examples/torchtitan/RESULTS.md has the figures).
+EPS = "torchtitan's DeepSeek-V3 builders never set the RMSNorm eps: 1e-5 everywhere; transformers uses rms_norm_eps (1e-6)"
+BF16_EXPERTS = "torchtitan's GroupedExperts.forward casts tokens and expert weights to bf16 whatever the model dtype"
+YARN = ("torchtitan's RoPE has no YaRN attention factor: transformers scales cos/sin by "
+        "mscale(factor, mscale) / mscale(factor, mscale_all_dim)")
+ROUTE_NORM = "torchtitan's Qwen3-MoE builder hard-codes route_norm=True, whatever norm_topk_prob says"
+
+
+# the checks a numeric discrepancy surely breaks (strict), and those it may trip on the way:
+# router logits seen by the aux/z checks, the trained checkpoint reloaded into the reference, an
+# engine batching tokens differently from the trainer (bf16 rounding depends on the batch)
+BROKEN = ("logit_parity", "test_gradient_parity", "test_sft_matches_reference", "test_expert_functions_match_file")
+KNOCK_ON = ("test_aux_loss", "test_z_loss", "test_sft_checkpoint_reloads", "test_rl_engine_mismatch",
+            "test_rl_engine_follows_updates", "test_engine_parity_vllm", "test_rl_vllm")
+
+
+def _discrepancy(reason: str, variants=()) -> tuple[ExpectedFailure, ...]:
+    return (*(ExpectedFailure(check, reason, variants=variants) for check in BROKEN),
+            ExpectedFailure("test_engine_parity", reason, variants=variants, id_contains=("transformers",)),
+            *(ExpectedFailure(check, reason, variants=variants, strict=False) for check in KNOCK_ON))
+
+
+DISCREPANCIES = {
+    "deepseek_v3": (_discrepancy(f"{EPS}; {BF16_EXPERTS}", variants=("faithful",))
+                    + _discrepancy(f"{EPS}; {BF16_EXPERTS}; {YARN}", variants=("yarn_mscale",))),
+    "qwen3_moe": (_discrepancy(BF16_EXPERTS, variants=("faithful",))
+                  + _discrepancy(f"{BF16_EXPERTS}; {ROUTE_NORM}", variants=("unnormalized",))),
+}
+
+
+def candidate(arch: str, fixed: bool):
+    spec = discover()[0][arch].load()
+    return spec.replace(
+        name=f"torchtitan_{'fixed_' if fixed else ''}{arch}", candidate=partial(build.build, fixes=build.FIXES if fixed else GLUE),
+        converter=CONVERTER, probes=probes.probes(arch), cast=build.cast, kernels=(),
+        decoding=None,  # torchtitan 0.3.0's decoder has no KV cache: engines run full forwards
+        expected_failures=spec.expected_failures + (() if fixed else DISCREPANCIES[arch]))
+
+
+ARCHS = [candidate(arch, fixed) for fixed in (False, True) for arch in ("deepseek_v3", "qwen3_moe")]

@@ -62,7 +62,8 @@ def force_choice(args, kwargs, indices, weights):
     return (x_BLD, weights.to(scores_BLK.dtype).reshape(scores_BLK.shape).contiguous(), ids, counts), kwargs
 
 
-ROUTER = RouterProbe(read=read_router, force=force_router)
+# the router's own output carries scores, not logits: its child `gate` (a Linear) computes them
+ROUTER = RouterProbe(read=read_router, force=force_router, logits_from="gate")
 EXPERTS = ExpertsProbe(call=call_experts, read_choice=read_choice, force_choice=force_choice)
 
 _COMMON = (

@@ -218,6 +218,9 @@ def make_experts_inputs(case: ExpertsCase, dtype: torch.dtype):
 # ------------------------------------------------------------------------ permutation
 
 
+PERMUTATION_FIELDS = ("tokens_per_expert", "offsets", "sorted_slots", "slot_rows")
+
+
 def check_permutation(case: ExpertsCase, *, backend: str, device: str = "cpu") -> dict:
     """permute() vs the counting-sort reference: every index map equal, element by element."""
     label = _label("permute", case, backend, torch.int64, device)
@@ -226,7 +229,11 @@ def check_permutation(case: ExpertsCase, *, backend: str, device: str = "cpu") -
     for run in (1, 2):
         with poisoned_outputs():
             perm = resolve(backend).permute(indices.to(device), case.num_experts)
-        for name, got, exp in zip(perm._fields, perm, expected):
+        perm = tuple(perm)
+        if len(perm) != 4:
+            raise AssertionError(f"{label}: permute returned {len(perm)} values, expected 4 "
+                                 f"(tokens_per_expert, offsets, sorted_slots, slot_rows)")
+        for name, got, exp in zip(PERMUTATION_FIELDS, perm, expected):
             _exact(f"{name} (run {run})", got, exp, label)
     return _result("permute", case, backend, torch.int64, device, {})
 
@@ -255,12 +262,24 @@ def check_combine(case: ExpertsCase, *, backend: str, dtype: torch.dtype, device
 # ---------------------------------------------------------------------------- experts
 
 
-def check_experts(case: ExpertsCase, *, backend: str, dtype: torch.dtype, device: str = "cpu") -> dict:
-    """moe_experts() forward and backward (x, weights, w_gate, w_up, w_down) vs fp64 loops.
+def _call_stage(subject: KernelSubject, stage: str, x, indices, weights, w_gate, w_up, w_down):
+    if stage == "fused_moe":
+        # the common fused shape: gate rows, then up rows; the gradients reach w_gate/w_up through the cat
+        return subject.fused_moe(x, torch.cat((w_gate, w_up), dim=1), w_down, weights, indices)
+    return subject.experts(x, indices, weights, w_gate, w_up, w_down)
 
-    Also asserts that the weight gradients of experts that received no token are exactly 0.
+
+def check_experts(case: ExpertsCase, *, backend: str | KernelSubject, dtype: torch.dtype, device: str = "cpu",
+                  stage: str = "experts") -> dict:
+    """The experts stage (``experts``, or ``fused_moe``) forward and backward (x, weights, w_gate,
+    w_up, w_down) vs fp64 loops.
+
+    Also asserts that the weight gradients of experts that received no token are exactly 0, and
+    that the kernel left its inputs as it found them (a kernel writing outside its rows lands
+    in someone else's memory: here, its inputs).
     """
-    label = _label("experts", case, backend, dtype, device)
+    label = _label(stage, case, backend, dtype, device)
+    subject = resolve(backend)
     x, indices, weights, w_gate, w_up, w_down, grad_out = make_experts_inputs(case, dtype)
     names = ("x", "weights", "w_gate", "w_up", "w_down")
     ref_in = [t.double().requires_grad_() for t in (x, weights, w_gate, w_up, w_down)]
@@ -271,12 +290,25 @@ def check_experts(case: ExpertsCase, *, backend: str, dtype: torch.dtype, device
     figures = {}
     for run in (1, 2):
         ins = [t.detach().to(device, copy=True).requires_grad_() for t in (x, weights, w_gate, w_up, w_down)]
+        idx = indices.to(device)
+        before = [t.detach().clone() for t in (*ins, idx)]
         with poisoned_outputs():
-            out = resolve(backend).experts(ins[0], indices.to(device), *ins[1:])
+            out = _call_stage(subject, stage, ins[0], idx, *ins[1:])
             if out.dtype != dtype:
                 raise AssertionError(f"{label}: output dtype {out.dtype}, expected {dtype}")
             out.backward(grad_out.to(device))
-        figures = {"out": _compare(f"out (run {run})", out, ref_out, gate, label)}
+        for name, was, now in zip((*names, "indices"), before, (*ins, idx)):
+            if not torch.equal(was, now.detach()):
+                changed = int((was != now.detach()).sum())
+                raise AssertionError(f"{label}: the kernel wrote into its input {name} ({changed} element(s) changed, "
+                                     f"run {run}): it writes outside its own output rows")
+        try:
+            figures = {"out": _compare(f"out (run {run})", out, ref_out, gate, label)}
+        except AssertionError as exc:
+            if empty.any():  # the usual suspect when it is there: say so
+                raise AssertionError(f"{exc} [the case has {int(empty.sum())} expert(s) with no token: "
+                                     f"{torch.nonzero(empty).flatten().tolist()}]") from None
+            raise
         for name, got, ref in zip(names, ins, ref_in):
             if got.grad is None:
                 raise AssertionError(f"{label}: grad_{name} is None (run {run}): gradient not propagated")
@@ -287,8 +319,7 @@ def check_experts(case: ExpertsCase, *, backend: str, dtype: torch.dtype, device
                 e = int(torch.nonzero(empty)[int(torch.nonzero(leaked.reshape(leaked.shape[0], -1) != 0)[0, 0])])
                 raise AssertionError(f"{label}: grad_{name}[expert {e}] is not exactly zero although "
                                      f"expert {e} received no token (run {run})")
-    return _result("experts", case, backend, dtype, device, figures,
-                   empty_experts=int(empty.sum()))
+    return _result(stage, case, backend, dtype, device, figures, empty_experts=int(empty.sum()))
 
 
 def _result(op, case, backend, dtype, device, figures, **extra) -> dict:
@@ -344,7 +375,10 @@ def run_kernel_checks(routing: RoutingConfig | None = None, *, backends=("torch"
         def _perm(case):
             results.append(check_permutation(case, backend=subject, device=device))
 
-        if "route" in stages:
+        why_route = subject.unsupported_routing(routing) if routing is not None else None
+        if "route" in stages and why_route:
+            results.append({"op": "route", "backend": subject.name, "device": device, "skipped": why_route})
+        elif "route" in stages:
             _route()
         if "permute" in stages:
             _perm()
@@ -357,20 +391,25 @@ def run_kernel_checks(routing: RoutingConfig | None = None, *, backends=("torch"
 
             @ci
             @given(experts_strategy)
-            def _experts(case):
-                results.append(check_experts(case, backend=subject, dtype=dtype, device=device))
-
-            @ci
-            @given(experts_strategy)
             def _combine(case):
                 results.append(check_combine(case, backend=subject, dtype=dtype, device=device))
 
-            if "experts" in stages:
+            for stage in ("experts", "fused_moe"):
+                if stage not in stages:
+                    continue
                 edges = edge_cases(routing)
                 # shapes are covered in the first dtype; later dtypes re-check the two skewed loads
                 for case in edges if dtype == dtypes[0] else edges[1:3]:
-                    results.append(check_experts(case, backend=subject, dtype=dtype, device=device))
-                _experts()
+                    results.append(check_experts(case, backend=subject, dtype=dtype, device=device, stage=stage))
+
+                def drawn(stage):
+                    @ci
+                    @given(experts_strategy)
+                    def run(case):
+                        results.append(check_experts(case, backend=subject, dtype=dtype, device=device, stage=stage))
+                    return run
+
+                drawn(stage)()
             if "combine" in stages and "permute" in stages:
                 _combine()
         results.append({"op": "*", "backend": subject.name, "device": device, "stages": list(stages),

@@ -38,10 +38,12 @@ def _forward(self, hidden_states, top_k_index, top_k_weights, *, subject: Kernel
     why = supports(self)
     if why:
         raise UnsupportedExperts(why)
+    weights = top_k_weights.to(hidden_states.dtype)
+    if subject.fused_moe is not None and subject.experts is None:
+        return subject.fused_moe(hidden_states, self.gate_up_proj, self.down_proj, weights, top_k_index)
     intermediate = self.gate_up_proj.shape[1] // 2
     w_gate, w_up = self.gate_up_proj[:, :intermediate], self.gate_up_proj[:, intermediate:]
-    return subject.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gate, w_up,
-                           self.down_proj)
+    return subject.experts(hidden_states, top_k_index, weights, w_gate, w_up, self.down_proj)
 
 
 def register(kernels: str | KernelSubject = "triton") -> str:

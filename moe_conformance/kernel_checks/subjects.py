@@ -10,6 +10,13 @@ runs the stages that are there:
 - ``combine(y_sorted [T*K, H], permutation, weights [T, K]) -> [T, H]``
 - ``experts(x [T, H], indices [T, K], weights [T, K], w_gate [E, I, H], w_up [E, I, H],
   w_down [E, H, I]) -> [T, H]`` (SwiGLU experts, weighted top-k sum; differentiable)
+- ``fused_moe(hidden [T, H], w_gate_up [E, 2I, H], w_down [E, H, I], topk_weights [T, K],
+  topk_ids [T, K]) -> [T, H]``: the whole expert computation in the common fused shape (gate rows
+  then up rows), differentiable like ``experts``
+
+Optionally ``use_in(candidate_model)`` switches a candidate to these kernels (the candidate then
+runs on them against the reference), and ``unsupported_routing(routing)`` says which routing
+the ``route`` stage does not implement (the check set then leaves that stage out, saying so).
 
 Outputs are poisoned during the checks: every ``torch.empty``-family allocation made from
 Python inside a check starts as NaN (integers as a sentinel), so a row a kernel never writes
@@ -26,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-STAGES = ("route", "permute", "combine", "experts")
+STAGES = ("route", "permute", "combine", "experts", "fused_moe")
 INT_POISON = 2**30 + 7  # fits int32, is no valid index or count in any check
 
 
@@ -37,6 +44,9 @@ class KernelSubject:
     permute: Callable | None = None
     combine: Callable | None = None
     experts: Callable | None = None
+    fused_moe: Callable | None = None
+    use_in: Callable | None = None
+    unsupported_routing: Callable[[object], str | None] = field(default=lambda routing: None)
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     devices: tuple[str, ...] = ("cpu", "cuda")
     # (device, dtype) -> why this subject cannot run there (None: it can)

@@ -19,6 +19,7 @@ from moe_conformance.contract import Decoding, Probes
 
 from .config import MoEConfig, YarnParams, from_hf
 from .converter import native_converter, native_pairs
+from .expert_parallel import EXPERT_PARALLEL
 from .model import CausalLMOutput, KVCache, MoETransformer
 
 # The native model continues a KVCache passed as `cache=` (attention_mask covering past + new).
@@ -40,23 +41,24 @@ def native_candidate(*, attention: str, router_scoring: str, sub_config: str | N
     return build
 
 
-_LAYOUT = ("moe", "router", "experts", "correction_bias_at", "shared", "shared_gate", "disk_prefix")
+_LAYOUT = ("moe", "router", "experts", "correction_bias_at", "shared", "shared_gate", "disk_prefix", "qk_norm_names")
 
 
 def native(*, attention: str, router_scoring: str, sub_config: str | None = None, **options: Any) -> dict[str, Any]:
-    """The ArchSpec fields of the native candidate: ``candidate``, ``converter``, ``probes``
-    and ``decoding``. ``options`` are on-disk layout options of the converter (moe, router,
-    experts, correction_bias_at, shared, shared_gate, disk_prefix) or config overrides of the
-    model (e.g. norm_topk_prob=True)."""
+    """The ArchSpec fields of the native candidate: ``candidate``, ``converter``, ``probes``,
+    ``decoding`` and ``expert_parallel``. ``options`` are on-disk layout options of the converter (moe, router,
+    experts, correction_bias_at, shared, shared_gate, disk_prefix, qk_norm_names) or config
+    overrides of the model (e.g. norm_topk_prob=True; ``mtp=True``: hold the config's MTP layers)."""
     layout = {k: v for k, v in options.items() if k in _LAYOUT}
     overrides = {k: v for k, v in options.items() if k not in _LAYOUT}
-    pair_options = {k: layout[k] for k in ("router", "shared") if k in layout}
+    pair_options = {k: layout[k] for k in ("router", "shared", "qk_norm_names") if k in layout}
     return dict(
         candidate=native_candidate(attention=attention, router_scoring=router_scoring, sub_config=sub_config,
                                    **overrides),
         converter=native_converter(attention, **layout),
         probes=Probes(pairs=tuple(native_pairs(attention, **pair_options))),
         decoding=DECODING,
+        expert_parallel=EXPERT_PARALLEL,
     )
 
 

@@ -41,6 +41,7 @@ class MoEConfig:
     attention_bias: bool = False  # q/k/v projections
     o_bias: bool = False  # output projection (gpt-oss)
     qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3, GLM); "full": over all heads (OLMoE, MiniMax-M2)
+    qk_norm_after_rope: bool = False  # HunYuan: the per-head norm runs on the rotated q and k
     sinks: bool = False  # a learned per-head logit that absorbs attention mass (gpt-oss)
     windows: tuple[int | None, ...] = ()  # per layer: sliding window length, or None for full attention
     # MLA
@@ -72,6 +73,9 @@ class MoEConfig:
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     tie_embeddings: bool = False
+    # DeepSeek-V3 / GLM-4.5 multi-token-prediction layers, held after the decoder layers (the
+    # suites check that they are carried through conversion; the reference cannot run them)
+    mtp_layers: int = 0
     experts_backend: str = "torch"  # "torch" | "triton" (moe_conformance.native.kernels)
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -101,11 +105,16 @@ def _first(hf: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -> MoEConfig:
-    """Read a transformers MoE config (DeepSeek-V3 / GLM-4 MoE naming, with common aliases)."""
+def from_hf(hf: Any, *, attention: str, router_scoring: str, mtp: bool = False, **overrides: Any) -> MoEConfig:
+    """Read a transformers MoE config (DeepSeek-V3 / GLM-4 MoE naming, with common aliases).
+    ``mtp``: hold the config's ``num_nextn_predict_layers`` MTP layers (the release stores them)."""
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     heads = hf.num_attention_heads
     head_dim = _first(hf, "head_dim", default=hf.hidden_size // heads)
+    rope_theta = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type") == "dynamic" and rope.get("alpha"):
+        # HunYuan's NTK-alpha RoPE: a fixed alpha only stretches the base
+        rope_theta = rope_theta * rope["alpha"] ** (head_dim / (head_dim - 2))
     yarn = None
     if rope.get("rope_type", "default") == "yarn":
         yarn = YarnParams(
@@ -118,7 +127,7 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
             attention_factor=rope.get("attention_factor"),
             truncate=rope.get("truncate", True),
         )
-    n_shared = _first(hf, "n_shared_experts", default=0)
+    n_shared = _first(hf, "n_shared_experts", "moe_num_shared_experts", default=0)
     experts = _first(hf, "n_routed_experts", "num_experts", "num_local_experts")
     moe_inter = _first(hf, "moe_intermediate_size", default=hf.intermediate_size)
     layers = hf.num_hidden_layers
@@ -135,6 +144,10 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
     else:
         windows = (window,) * layers
     qk_norm = "head" if getattr(hf, "use_qk_norm", False) else "none"
+    if getattr(hf, "moe_layer_interval", None):  # ERNIE 4.5: MoE every interval-th layer in [start, end]
+        start, end = hf.moe_layer_start_index, hf.moe_layer_end_index
+        end = layers - 1 if end is None or end < 0 else end
+        dense |= {i for i in range(layers) if not ((i + 1) % hf.moe_layer_interval == 0 and start <= i <= end)}
     mlp_types = getattr(hf, "mlp_layer_types", None)  # GLM-4.7-Flash: "dense" / "sparse" per layer
     if mlp_types:
         dense |= {i for i, t in enumerate(mlp_types) if t == "dense"}
@@ -147,7 +160,7 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
         num_kv_heads=_first(hf, "num_key_value_heads", default=heads),
         head_dim=head_dim,
         norm_eps=hf.rms_norm_eps,
-        rope_theta=rope.get("rope_theta", 10000.0),
+        rope_theta=rope_theta,
         attention=attention,
         rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         rope_interleave=bool(getattr(hf, "rope_interleave", False)),
@@ -175,6 +188,7 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, **overrides: Any) -
         swiglu_alpha=float(_first(hf, "swiglu_alpha", default=1.702)),
         swiglu_limit=float(_first(hf, "swiglu_limit", default=7.0)),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        mtp_layers=int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if mtp else 0,
     )
     if attention == "mla":
         cfg = cfg.with_(rotary_dim=cfg.qk_rope_head_dim)

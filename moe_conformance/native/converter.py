@@ -20,6 +20,7 @@ from moe_conformance.convert import (
     KeyMapConverter,
     Rename,
     StackExperts,
+    Tied,
     Transform,
     concatenated_misread,
     swap_expert_names,
@@ -37,6 +38,8 @@ _ATTENTION = {
     },
 }
 _CAND_PROJ = ("w1", "w3", "w2")  # the native model's gate, up, down
+_MTP = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "embed_tokens": "embed",
+        "shared_head.norm": "norm", "shared_head.head": "head"}
 
 
 def _interleaved_split(t):  # [E, H, 2I] (gate, up interleaved) -> gate, up as [E, I, H]
@@ -66,27 +69,42 @@ def native_converter(
     shared: str = "shared_experts",
     shared_gate: str | None = None,
     disk_prefix: str = "",
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm"),
 ) -> KeyMapConverter:
     L, C = "model.layers.{i}", "layers.{i}"
     M = f"{L}.{moe}"
-    bias_key = f"{M}.{router}.e_score_correction_bias" if correction_bias_at == "router" else f"{M}.e_score_correction_bias"
+    cand_bias = f"{C}.moe.router.expert_bias"
+    if correction_bias_at == "moe_statics":  # ERNIE 4.5: a [1, E] "statistics" tensor beside the router
+        bias_rule = Transform(f"{M}.moe_statics.e_score_correction_bias", (cand_bias,),
+                              lambda t: (t.reshape(-1).contiguous(),), lambda b: b.reshape(1, -1).contiguous())
+    else:
+        bias_rule = Rename(f"{M}.{router}.e_score_correction_bias" if correction_bias_at == "router"
+                           else f"{M}.e_score_correction_bias", cand_bias)
     rules: list = [
         Rename("model.embed_tokens.weight", "tok_embeddings.weight"),
         Rename("model.norm.weight", "norm.weight"),
-        Rename("lm_head.weight", "output.weight"),
+        # no lm_head on disk when the config ties it to the embeddings
+        Tied("lm_head.weight", "output.weight", source="tok_embeddings.weight"),
         Rename(f"{L}.input_layernorm.weight", f"{C}.attention_norm.weight"),
         Rename(f"{L}.post_attention_layernorm.weight", f"{C}.ffn_norm.weight"),
         Rename(f"{L}.self_attn.sinks", f"{C}.attention.sinks"),
         Rename(f"{M}.{router}.weight", f"{C}.moe.router.gate.weight"),
         Rename(f"{M}.{router}.bias", f"{C}.moe.router.gate.bias"),
-        Rename(bias_key, f"{C}.moe.router.expert_bias"),
+        bias_rule,
         Rename(f"{M}.{shared}.gate_proj.weight", f"{C}.moe.shared_experts.w1.weight"),
         Rename(f"{M}.{shared}.up_proj.weight", f"{C}.moe.shared_experts.w3.weight"),
         Rename(f"{M}.{shared}.down_proj.weight", f"{C}.moe.shared_experts.w2.weight"),
     ]
     if shared_gate:
         rules.append(Rename(f"{M}.{shared_gate}.weight", f"{C}.moe.shared_gate.weight"))
-    for hf, cand in _ATTENTION[attention].items():
+    # MTP layers (DeepSeek-V3 / GLM-4.5), after the decoder layers: their decoder block maps like
+    # any layer's; these are the MTP projection and the layer's own embedding and head
+    rules += [Rename(f"{L}.{hf}.weight", f"{C}.mtp.{cand}.weight") for hf, cand in _MTP.items()]
+    names = {**_ATTENTION[attention]}
+    if attention == "gqa":
+        names = {**{k: v for k, v in names.items() if k not in ("q_norm", "k_norm")},
+                 qk_norm_names[0]: "q_norm", qk_norm_names[1]: "k_norm"}
+    for hf, cand in names.items():
         rules += [Rename(f"{L}.self_attn.{hf}.{t}", f"{C}.attention.{cand}.{t}") for t in ("weight", "bias")]
     if experts == "fused_interleaved":
         E = f"{M}.experts"
@@ -106,16 +124,22 @@ def native_converter(
     return KeyMapConverter(rules, disk_prefix=disk_prefix, misreadings=misreadings)
 
 
-def native_pairs(attention: str = "gqa", *, router: str = "gate", shared: str = "shared_experts") -> list[ModulePair]:
+def native_pairs(attention: str = "gqa", *, router: str = "gate", shared: str = "shared_experts",
+                 qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")) -> list[ModulePair]:
     """(reference, native) submodule pairs, in transformers' in-memory names (the MoE block is
-    always ``mlp`` there, whatever the on-disk name)."""
+    always ``mlp`` there, whatever the on-disk name; the router module is ``gate``/``router``,
+    whatever weight inside it the checkpoint names)."""
     L, C = "model.layers.{i}", "layers.{i}"
     R = "router" if router == "router" else "gate"
-    memory_shared = "shared_expert" if shared == "shared_expert" else "shared_experts"
+    memory_shared = shared
+    names = dict(_ATTENTION[attention])
+    if attention == "gqa":
+        names = {**{k: v for k, v in names.items() if k not in ("q_norm", "k_norm")},
+                 qk_norm_names[0]: "q_norm", qk_norm_names[1]: "k_norm"}
     return [
         ModulePair("model.embed_tokens", "tok_embeddings"),
         ModulePair(f"{L}.input_layernorm", f"{C}.attention_norm"),
-        *[ModulePair(f"{L}.self_attn.{hf}", f"{C}.attention.{cand}") for hf, cand in _ATTENTION[attention].items()],
+        *[ModulePair(f"{L}.self_attn.{hf}", f"{C}.attention.{cand}") for hf, cand in names.items()],
         ModulePair(f"{L}.self_attn", f"{C}.attention"),
         ModulePair(f"{L}.post_attention_layernorm", f"{C}.ffn_norm"),
         ModulePair(f"{L}.mlp.{R}", f"{C}.moe.router", role="router"),

@@ -188,10 +188,12 @@ class GQAttention(nn.Module):
         if self.cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(B, S, -1, d), k.view(B, S, -1, d), v.view(B, S, -1, d)
-        if self.cfg.qk_norm == "head":
+        if self.cfg.qk_norm == "head" and not self.cfg.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        if self.cfg.qk_norm == "head" and self.cfg.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         return self.wo(attend(q, k, v, bias, self.softmax_scale, getattr(self, "sinks", None)))
@@ -369,11 +371,26 @@ class MoE(nn.Module):
         return out.view_as(x), logits
 
 
+class MTPHead(nn.Module):
+    """The parts of a DeepSeek-V3 multi-token-prediction layer around its decoder block: the
+    norms of the next token's embedding and of the previous hidden state, their projection, and
+    the layer's own embedding and head copies (stored per MTP layer in the release)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.enorm, self.hnorm = RMSNorm(H, cfg.norm_eps), RMSNorm(H, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.embed = nn.Embedding(cfg.vocab_size, H)
+        self.norm = RMSNorm(H, cfg.norm_eps)
+        self.head = nn.Linear(H, cfg.vocab_size, bias=False)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
         self.index = layer
-        self.window = cfg.windows[layer] if cfg.windows else None
+        self.window = cfg.windows[layer] if layer < len(cfg.windows) else None
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -381,6 +398,8 @@ class Block(nn.Module):
             self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)
         else:
             self.moe = MoE(cfg)
+        if layer >= cfg.num_layers:  # an MTP layer: carried, not run by the LM forward
+            self.mtp = MTPHead(cfg)
 
     def forward(self, x, rotary, cos, sin, biases, cache: KVCache | None = None):
         x = x + self.attention(self.attention_norm(x), rotary, cos, sin, biases[self.window], cache, self.index)
@@ -400,7 +419,8 @@ class MoETransformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        # decoder layers, then the MTP layers (named like the checkpoint's: after the decoder)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers + cfg.mtp_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -411,12 +431,13 @@ class MoETransformer(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = (past + torch.arange(S, device=input_ids.device))[None].expand(B, -1)
-        windows = {layer.window for layer in self.layers}
+        decoder = self.layers[: self.cfg.num_layers]
+        windows = {layer.window for layer in decoder}
         biases = {w: attention_bias(attention_mask, position_ids, S, w, past) for w in windows}
         cos, sin = self.rotary(position_ids)
         x = self.tok_embeddings(input_ids)
         router_logits = []
-        for layer in self.layers:
+        for layer in decoder:
             x, logits = layer(x, self.rotary, cos, sin, biases, cache)
             if logits is not None:
                 router_logits.append(logits)

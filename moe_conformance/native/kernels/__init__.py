@@ -169,6 +169,27 @@ def _triton_unavailable(device: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _use_in(backend: str):
+    def switch(model) -> None:
+        from ..model import Experts
+
+        found = [m for m in model.modules() if isinstance(m, Experts)]
+        why = found[0].kernel_unsupported() if found else "no native Experts module"
+        if why:
+            raise NotImplementedError(f"the native {backend} kernels do not compute {why}")
+        for m in found:
+            m.backend = backend
+    return switch
+
+
+def _routing_unsupported(routing) -> str | None:
+    if routing.scoring not in ("sigmoid", "softmax"):
+        return f"the native route kernels implement sigmoid and softmax scoring, not {routing.scoring}"
+    if routing.n_group > 1 and routing.group_score != "top2_sum":
+        return f"the native route kernels rank groups by their top-2 sum, not by {routing.group_score}"
+    return None
+
+
 def _subject(backend: str, **kw):
     from functools import partial
 
@@ -176,7 +197,8 @@ def _subject(backend: str, **kw):
 
     return KernelSubject(
         name=backend, route=partial(route, backend=backend), permute=partial(permute, backend=backend),
-        combine=partial(combine, backend=backend), experts=partial(moe_experts, backend=backend), **kw)
+        combine=partial(combine, backend=backend), experts=partial(moe_experts, backend=backend),
+        use_in=_use_in(backend), unsupported_routing=_routing_unsupported, **kw)
 
 
 TORCH = _subject("torch")
