@@ -5,6 +5,10 @@ experts with biases and a clamped SwiGLU (``(clamp(up) + 1) * gate * sigmoid(alp
 gate clamped above at ``swiglu_limit``) stored fused on disk (``experts.gate_up_proj``
 [E, H, 2I] with gate and up interleaved column by column, ``down_proj`` [E, I, H]); learned
 attention sinks; sliding-window and full layers alternate; q/k/v/o biases; YaRN.
+
+Trap variants keep sizes equal on purpose (BUGS.md #40), so a reader that infers the fused
+layout from shapes is caught: ``square_experts`` (expert size == hidden: the [E, I, H] down_proj
+is square) and ``square_gate_up`` (2 * expert size == hidden: the [E, H, 2I] gate_up_proj is).
 """
 
 from transformers import GptOssConfig, GptOssForCausalLM
@@ -22,11 +26,16 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, head_dim=24, n
             rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
                                  truncate=False, original_max_position_embeddings=16))
 
+FEATURES = frozenset({"sinks", "sliding_window", "swiglu_clamp", "attention_bias", "norm_eps"})
+
 ARCH = ArchSpec(
     name="gpt_oss",
     description=__doc__,
-    variants=(Variant("faithful", lambda: GptOssConfig(**TINY),
-                      frozenset({"sinks", "sliding_window", "swiglu_clamp", "attention_bias", "norm_eps"})),),
+    variants=(Variant("faithful", lambda: GptOssConfig(**TINY), FEATURES),
+              Variant("square_experts", lambda: GptOssConfig(**{**TINY, "intermediate_size": 64}), FEATURES,
+                      "expert size == hidden size", traps=frozenset({"square_experts"})),
+              Variant("square_gate_up", lambda: GptOssConfig(**{**TINY, "intermediate_size": 32}), FEATURES,
+                      "2 * expert size == hidden size", traps=frozenset({"square_gate_up"}))),
     reference=GptOssForCausalLM,
     **native(attention="gqa", router_scoring="softmax_topk", router_bias=True, o_bias=True, sinks=True, expert_bias=True, activation="clamped_swiglu", router="router", experts="fused_interleaved"),
     released=released_config("gpt_oss", GptOssConfig),

@@ -3,6 +3,8 @@
 Differs from Mixtral: a shared expert scaled by a sigmoid gate (``shared_expert_gate``),
 q/k/v biases, norm_topk_prob as configured (off in the release), dense layers via
 ``mlp_only_layers`` / ``decoder_sparse_step``; on disk ``mlp.experts.N.{gate,up,down}_proj``.
+The ``top1`` trap variant routes each token to one expert (k = 1) without renormalization, so
+the router's gradient comes through the single weight (renormalized, it would be 1: BUGS #36).
 """
 
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
@@ -24,6 +26,8 @@ ARCH = ArchSpec(
         Variant("faithful", lambda: Qwen2MoeConfig(**TINY), frozenset(COMMON)),
         Variant("renormalized_dense0", lambda: Qwen2MoeConfig(**{**TINY, "norm_topk_prob": True, "mlp_only_layers": [0]}),
                 frozenset(COMMON), "norm_topk_prob on, and layer 0 dense through mlp_only_layers"),
+        Variant("top1", lambda: Qwen2MoeConfig(**{**TINY, "num_experts_per_tok": 1}), frozenset(COMMON),
+                "top-1 routing, not renormalized", traps=frozenset({"top1"}), seed=1),
     ),
     reference=Qwen2MoeForCausalLM,
     **native(attention="gqa", router_scoring="softmax", shared_expert_gate=True, shared="shared_expert", shared_gate="shared_expert_gate"),

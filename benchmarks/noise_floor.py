@@ -41,10 +41,12 @@ def fp64_rowwise(model64, batch) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def measure(case: ArchCase) -> dict[str, float]:
-    ref32, cand32 = case.reference(), case.candidate()
-    ref64 = copy.deepcopy(ref32).double()
-    worst = {"ref32_vs_64": 0.0, "cand32_vs_64": 0.0, "cand_vs_ref32": 0.0, "kl_mean": 0.0, "kl_max": 0.0}
+def measure(case: ArchCase, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    ref32, cand32 = case.reference(dtype=dtype), case.candidate(dtype=dtype)
+    ref64 = copy.deepcopy(case.reference()).double()
+    worst = {"ref32_vs_64": 0.0, "cand32_vs_64": 0.0, "cand_vs_ref32": 0.0, "kl_mean": 0.0, "kl_max": 0.0,
+             "ref_kl_mean_vs_64": 0.0, "ref_kl_max_vs_64": 0.0, "top1_min": 1.0, "flips_ref_vs_64": 0.0,
+             "flips_cand_vs_ref": 0.0}
     for name, batch in case.batches.items():
         if case.spec.expected_failure("test_logit_parity", "logit_parity", case.variant.name, f"{case.id}-{name}"):
             continue  # a known divergence of the reference, not noise
@@ -58,33 +60,50 @@ def measure(case: ArchCase) -> dict[str, float]:
         k = kl(r32, c32)
         worst["kl_mean"] = max(worst["kl_mean"], float(k.mean()))
         worst["kl_max"] = max(worst["kl_max"], float(k.max()))
+        k64 = kl(r64, r32)
+        worst["ref_kl_mean_vs_64"] = max(worst["ref_kl_mean_vs_64"], float(k64.mean()))
+        worst["ref_kl_max_vs_64"] = max(worst["ref_kl_max_vs_64"], float(k64.max()))
+        # top-1 agreement of the model under test with the fp64 reference where its top-2 margin is clear
+        top2 = r64.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        agree = (r64.argmax(-1) == c32.argmax(-1))[clear].float().mean() if clear.any() else torch.tensor(1.0)
+        worst["top1_min"] = min(worst["top1_min"], float(agree))
+        from moe_conformance.compare import routing_flip_rate
+
+        worst["flips_ref_vs_64"] = max(worst["flips_ref_vs_64"], routing_flip_rate(case, ref64, ref32, batch, ("ref", "ref")) or 0.0)
+        worst["flips_cand_vs_ref"] = max(worst["flips_cand_vs_ref"], routing_flip_rate(case, ref32, cand32, batch) or 0.0)
     return worst
+
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--arch", default=None, help="comma-separated arch names (default: all built-in)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="precision of the models measured against fp64 (bfloat16: the bf16 profile's floor)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     known, _ = discover()
     names = args.arch.split(",") if args.arch else sorted(known)
-    cols = ["ref32_vs_64", "cand32_vs_64", "cand_vs_ref32", "kl_mean", "kl_max"]
+    cols = ["ref32_vs_64", "cand32_vs_64", "cand_vs_ref32", "kl_mean", "kl_max", "ref_kl_mean_vs_64", "ref_kl_max_vs_64",
+            "top1_min", "flips_ref_vs_64", "flips_cand_vs_ref"]
     print("| arch-variant | seeds | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
-    overall = dict.fromkeys(cols, 0.0)
+    overall = {c: (1.0 if c == "top1_min" else 0.0) for c in cols}
     for name in names:
         spec = known[name].load()
         for variant in spec.variants:
-            worst = dict.fromkeys(cols, 0.0)
+            worst = {c: (1.0 if c == "top1_min" else 0.0) for c in cols}
             for seed in range(args.seeds):
-                for k, v in measure(ArchCase(spec, variant.name, seed=seed)).items():
-                    worst[k] = max(worst[k], v)
-            overall = {k: max(overall[k], worst[k]) for k in cols}
+                for k, v in measure(ArchCase(spec, variant.name, seed=seed, dtype=args.dtype), dtype).items():
+                    worst[k] = min(worst[k], v) if k == "top1_min" else max(worst[k], v)
+            overall = {k: (min if k == "top1_min" else max)(overall[k], worst[k]) for k in cols}
             print(f"| {name}-{variant.name} | {args.seeds} | " + " | ".join(f"{worst[c]:.2e}" for c in cols) + " |")
     print("| **max** | | " + " | ".join(f"**{overall[c]:.2e}**" for c in cols) + " |")
     floor = max(overall["ref32_vs_64"], overall["cand32_vs_64"])
-    print(f"\nfloor (max |fp32 - fp64| over reference and candidate): {floor:.2e}")
+    print(f"\nfloor (max |{args.dtype} - fp64| over reference and candidate): {floor:.2e}")
 
 
 if __name__ == "__main__":

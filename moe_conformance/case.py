@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from .contract import convert
 from .spec import ArchSpec
-from .tiny import adversarial_init_, make_batches
+from .tiny import adversarial_init_, make_batches, production_scale_
 
 
 # Decisions closer than this are redrawn (fp32 noise on router scores is ~1e-7); tiny_config's
@@ -90,13 +90,25 @@ class ArchCase:
         torch.manual_seed(self.case_seed)
         model = self.spec.reference(copy.deepcopy(self.config))
         adversarial_init_(model, self.case_seed, dict(self.spec.init_gains))
+        if self.dtype != torch.float32:
+            production_scale_(model)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def reference(self, config: Any = None, state: dict[str, torch.Tensor] | None = None, strict: bool = True):
-        """A fresh fp32 reference model on the case's device, in eval mode."""
+    def reference(self, config: Any = None, state: dict[str, torch.Tensor] | None = None, strict: bool = True,
+                  dtype: torch.dtype | None = None):
+        """A fresh reference model on the case's device, in eval mode: fp32, or ``dtype`` with
+        what the reference class keeps in fp32 kept there (as its own from_pretrained would)."""
         torch.manual_seed(self.case_seed)
         model = self.spec.reference(copy.deepcopy(config or self.config))
         model.load_state_dict(state if state is not None else self.reference_state, strict=strict)
+        if dtype is not None and dtype != torch.float32:
+            from .checkpoint import keeps_fp32
+
+            keep = keeps_fp32(type(model))
+            with torch.no_grad():
+                for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                    if t.is_floating_point() and not keep(name):
+                        t.data = t.data.to(dtype)
         return model.to(self.device).eval()
 
     def save_reference(self, folder: Path, model=None) -> Path:
@@ -150,13 +162,29 @@ class ArchCase:
     def to_hf(self, cand_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert(self.spec.converter.to_hf, _copied(cand_state), self.config)
 
-    def candidate(self, state: dict[str, torch.Tensor] | None = None):
-        """A fresh candidate loaded (strictly) with the converted on-disk checkpoint."""
+    def candidate(self, state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
+        """A fresh candidate loaded (strictly) with the converted on-disk checkpoint; with
+        ``dtype``, put there by the plugin's ``cast``, the tensors the reference keeps in fp32 named."""
         torch.manual_seed(self.case_seed)
         model = self.spec.candidate(copy.deepcopy(self.config))
         cand_state = state if state is not None else self.to_candidate(self.disk_state)
         model.load_state_dict(cand_state, strict=True)
+        if dtype is not None and dtype != torch.float32:
+            model = self.spec.cast(model, dtype, self.candidate_fp32_names)
         return model.to(self.device).eval()
+
+    @cached_property
+    def candidate_fp32_names(self) -> frozenset[str]:
+        """Candidate tensors whose on-disk tensors the reference keeps in fp32 in low precision
+        (traced through the converter: no naming convention of the candidate assumed)."""
+        from .checkpoint import keeps_fp32
+        from .training import candidate_disk_names
+
+        keep = keeps_fp32(type(self.reference()))
+        prefix = getattr(self.spec.converter, "disk_prefix", "")
+        state = dict(self.candidate().state_dict())
+        return frozenset(n for n, disk in candidate_disk_names(self, state).items()
+                         if disk and all(keep(d.removeprefix(prefix)) for d in disk))
 
     # ---- inputs
     @cached_property

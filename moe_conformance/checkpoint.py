@@ -139,3 +139,11 @@ def fp32_module_suffixes(keys: list[str]) -> list[str]:
     for a report line that reads the same for every layer count."""
     return sorted({".".join(k.split(".")[-2:]) if k.endswith((".weight", ".bias")) else k.rsplit(".", 1)[-1]
                    for k in keys})
+
+
+def keeps_fp32(model_class):
+    """name -> whether a low-precision load of ``model_class`` keeps that tensor in fp32: its
+    ``_keep_in_fp32_modules_strict`` fragments found in the name, as transformers matches them."""
+    patterns = [re.escape(m) for m in (getattr(model_class, "_keep_in_fp32_modules_strict", None) or [])]
+    found = re.compile("|".join(patterns)) if patterns else None
+    return lambda name: bool(found and found.search(name))

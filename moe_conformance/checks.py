@@ -21,20 +21,25 @@ DEFAULT_REQUIRES = ("forward", "converter", "state", "deterministic")
 SUBJECTS = ("candidate", "reference", "kernels", "plugin")
 
 
+ANY_DTYPE = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class CheckInfo:
     requires: tuple[str, ...] = DEFAULT_REQUIRES
     applies: Callable[[Any], str | None] | None = None
     subject: str = "candidate"
+    # the --dtype runs the check has gates for (checks of declarations or bits run at any)
+    dtypes: tuple[str, ...] = ("float32",)
 
 
 def conformance(*, requires: tuple[str, ...] = DEFAULT_REQUIRES, applies: Callable[[Any], str | None] | None = None,
-                subject: str = "candidate") -> Callable:
+                subject: str = "candidate", dtypes: tuple[str, ...] = ("float32",)) -> Callable:
     if subject not in SUBJECTS:
         raise ValueError(f"subject must be one of {SUBJECTS}, got {subject!r}")
 
     def mark(fn: Callable) -> Callable:
-        fn.moe_check = CheckInfo(tuple(requires), applies, subject)
+        fn.moe_check = CheckInfo(tuple(requires), applies, subject, tuple(dtypes))
         return fn
 
     return mark
@@ -90,6 +95,10 @@ def all_of(*conditions: Callable[[Any], str | None]) -> Callable[[Any], str | No
 
 
 def applicability(info: CheckInfo, case, params: dict) -> str | None:
+    dtype = str(case.dtype).removeprefix("torch.")
+    if dtype not in info.dtypes:
+        return (f"this check has gates for {', '.join(info.dtypes)} only (--dtype {dtype}: the bf16 production "
+                f"profile covers the contract, logit_parity, roundtrip, schema, kernels and dry_run families)")
     if info.applies is None:
         return None
     import inspect

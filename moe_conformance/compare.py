@@ -295,3 +295,31 @@ def diagnose(case, ref_model, cand_model, batch: Batch, unpinned_delta: float | 
 
         lines.append(describe(name_causes(case, batch, cand_logits, gate)))
     return "\n".join(lines)
+
+
+def routing_flip_rate(case, ref_model, cand_model, batch: Batch, sides: tuple[str, str] = ("ref", "cand")) -> float | None:
+    """Fraction of (valid token, MoE layer) whose chosen expert sets differ between the two
+    models on ``batch``, read through each side's probes (None when either cannot be read).
+    The bf16 profile gates it: bf16 bugs in routing (a rounded bias, a bf16 router) flip far
+    more decisions than bf16 rounding of the hidden states does."""
+    from .probing import RoutingTap
+
+    try:
+        ref_tap, cand_tap = RoutingTap(ref_model, case, sides[0]), RoutingTap(cand_model, case, sides[1])
+    except ProbeError:
+        return None
+    with torch.no_grad(), ref_tap(), cand_tap():
+        for model, side in ((ref_model, sides[0]), (cand_model, sides[1])):
+            (run_reference if side == "ref" else run_candidate)(model, batch)
+    valid = batch.valid.reshape(-1)
+    flips = total = 0
+    try:
+        pairs = list(zip(ref_tap.indices, cand_tap.indices))
+    except ProbeError:
+        return None
+    for ref_i, cand_i in pairs:
+        a, b = ref_i.reshape(-1, ref_i.shape[-1])[valid].sort(-1).values, cand_i.reshape(-1, cand_i.shape[-1])[valid]
+        b = b.sort(-1).values.to(a)
+        flips += int((a != b).any(-1).sum())
+        total += a.shape[0]
+    return flips / max(total, 1)

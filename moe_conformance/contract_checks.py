@@ -316,7 +316,7 @@ def _config_has_shared(cfg) -> bool:
 def check_capabilities(case) -> str | None:
     caps, cfg, disk = case.spec.capabilities, case.model_config, case.disk_state
     problems = []
-    has_shared = _config_has_shared(cfg) or any("shared_expert" in k for k in disk)
+    has_shared = _config_has_shared(cfg) or any("shared_expert" in k or "shared_mlp" in k for k in disk)
     if has_shared != caps.shared_experts:
         problems.append(f"capabilities.shared_experts={caps.shared_experts}, but the reference config/checkpoint "
                         f"{'has' if has_shared else 'has no'} shared experts")

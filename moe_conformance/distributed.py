@@ -578,8 +578,10 @@ def _slot_contributions(case, model, scenario: dict) -> dict:
     with torch.no_grad():
         for layer, name, module in _experts_modules(case, model):
             K = scenario["indices"].shape[1]
-            out[name] = torch.stack([probe.call(module, scenario["x"], scenario["indices"][:, k:k + 1],
-                                                scenario["weights"][:, k:k + 1]).float() for k in range(K)], dim=1)
+            device = next(module.parameters()).device
+            x, idx, w = (scenario[k].to(device) for k in ("x", "indices", "weights"))
+            out[name] = torch.stack([probe.call(module, x, idx[:, k:k + 1], w[:, k:k + 1]).float().cpu()
+                                     for k in range(K)], dim=1)
     return out
 
 

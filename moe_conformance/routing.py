@@ -122,7 +122,8 @@ class Routing:
         x = logits.reshape(-1, logits.shape[-1]).double()
         ranked_on = x if self.scoring != "sigmoid" else x.sigmoid()
         if bias is not None:
-            ranked_on = ranked_on + bias.to(ranked_on)
+            # a bias is added to the scores (ERNIE 4.5: to the softmax), not to the logits
+            ranked_on = (x.softmax(-1) if self.scoring == "softmax" else ranked_on) + bias.to(ranked_on)
         out = {}
         if self.n_group > 1:
             T, E = ranked_on.shape

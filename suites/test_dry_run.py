@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from moe_conformance.checks import conformance
+from moe_conformance.checks import ANY_DTYPE, conformance
 from moe_conformance.dryrun import DryRun, Schema, describe_release, layouts_from_env, schema_problems
 
 pytestmark = pytest.mark.arch_variants("faithful")
@@ -69,7 +69,7 @@ def _schema(arch, run: DryRun, stage: str, what: str) -> Schema:
     return _stage(arch, what, lambda: run.schema(stage))
 
 
-@conformance(requires=(), applies=declares_release)
+@conformance(requires=(), applies=declares_release, dtypes=ANY_DTYPE)
 def test_dry_run_parameters(arch, record):
     run = _dry_run(arch)
     counts = _stage(arch, "building the reference from the released config", lambda: run.counts)
@@ -93,7 +93,7 @@ def test_dry_run_parameters(arch, record):
         ])
 
 
-@conformance(requires=(), applies=declares_release)
+@conformance(requires=(), applies=declares_release, dtypes=ANY_DTYPE)
 def test_dry_run_to_candidate(arch, record):
     run = _dry_run(arch)
     disk = _schema(arch, run, "disk", "building the reference from the released config")
@@ -108,7 +108,7 @@ def test_dry_run_to_candidate(arch, record):
         arch.fail("to_candidate(full-size checkpoint) does not match the full-size candidate's own state dict", problems)
 
 
-@conformance(requires=(), applies=declares_release)
+@conformance(requires=(), applies=declares_release, dtypes=ANY_DTYPE)
 def test_dry_run_roundtrip(arch, record):
     run = _dry_run(arch)
     disk = _schema(arch, run, "disk", "building the reference from the released config")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from moe_conformance import routing, tolerances
-from moe_conformance.checks import conformance
+from moe_conformance.checks import ANY_DTYPE, conformance
 from moe_conformance.compare import compare_logits, run_candidate, run_reference
 from moe_conformance.kernel_checks.checks import run_kernel_checks
 
@@ -41,7 +41,7 @@ def _dtypes(device: str):
     return (torch.float32, torch.float16) + ((torch.bfloat16,) if device.startswith("cuda") else ())
 
 
-@conformance(subject="kernels", requires=(), applies=declares_kernels)
+@conformance(subject="kernels", requires=(), applies=declares_kernels, dtypes=ANY_DTYPE)
 def test_kernel_check_set(arch, record):
     device = str(arch.device)
     # Stress variants change the routing (groups, normalization): the routing-dependent cases
@@ -111,7 +111,7 @@ def in_reference(case) -> str | None:
 
 
 @pytest.mark.arch_variants("faithful")
-@conformance(subject="kernels", requires=(), applies=in_reference)
+@conformance(subject="kernels", requires=(), applies=in_reference, dtypes=ANY_DTYPE)
 def test_reference_with_kernel_experts(arch, record):
     """transformers' own model with its experts on the kernels: logits and every gradient."""
     from moe_conformance.kernel_checks.hf_integration import register, supports

@@ -24,7 +24,7 @@ from moe_conformance.checkpoint import (
 )
 from moe_conformance.compare import run_reference
 from moe_conformance.convert import FuseExperts, StackExperts
-from moe_conformance.checks import conformance
+from moe_conformance.checks import ANY_DTYPE, conformance
 
 # Expert outputs are compared at fp32 with the same math on both sides; the floor is ~1e-6 of
 # the output scale (same as logit parity), so 1e-4 relative separates "same expert" from not.
@@ -37,6 +37,7 @@ def _cand_state(model):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_hf_to_candidate_to_hf_bit_exact(arch, record):
     disk = arch.disk_state
     cand = arch.candidate()  # strict load of to_candidate(disk)
@@ -59,6 +60,7 @@ def _perturbed(state, gen):
     return out
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_candidate_to_hf_to_candidate_bit_exact(arch, record):
     # Candidate-native weights (as after training in the candidate's own format): perturb every
     # tensor distinctly so nothing can pass by coinciding with the file.
@@ -95,7 +97,7 @@ def declares_native_save(case) -> str | None:
         "ArchSpec.native_save is not set: no transformers class beyond the reference writes this arch's on-disk format")
 
 
-@conformance(applies=converter_declares_experts)
+@conformance(applies=converter_declares_experts, dtypes=ANY_DTYPE)
 def test_candidate_expert_layout(arch, record):
     """Slice e of each stacked or fused candidate tensor holds the file's expert e (by fingerprint)."""
     problems = expert_layout_problems(arch.spec.converter, arch.disk_state, _cand_state(arch.candidate()))
@@ -118,7 +120,7 @@ def _misread_references(arch, tmp_path):
     }
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "experts"), applies=needs_experts_pair)
+@conformance(requires=("forward", "converter", "state", "deterministic", "experts"), applies=needs_experts_pair, dtypes=ANY_DTYPE)
 def test_expert_functions_match_file(arch, record, tmp_path):
     """Each candidate expert computes the file's expert of the same index: a permutation or a
     gate/up misreading inside the candidate shows up here even if both converters agree on it."""
@@ -154,6 +156,7 @@ def test_expert_functions_match_file(arch, record, tmp_path):
         arch.fail("candidate experts do not compute the file's experts", problems[:8])
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_converted_checkpoint_reloads_into_reference(arch, record, tmp_path):
     """to_hf(candidate) written to disk loads into the reference with from_pretrained (no
     missing/unexpected keys) and reproduces the original logits exactly."""
@@ -172,6 +175,7 @@ def test_converted_checkpoint_reloads_into_reference(arch, record, tmp_path):
     assert worst == 0.0, f"{arch.id}: the reference reloaded from the converted checkpoint changes logits by up to {worst:.3g}"
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_bf16_checkpoint_keeps_dtypes(arch, record, tmp_path):
     """A bf16 checkpoint written by the reference's own bf16 save_pretrained (which decides what
     stays fp32: its _keep_in_fp32_modules(_strict), e.g. the routing bias, and on transformers
@@ -196,7 +200,7 @@ def test_bf16_checkpoint_keeps_dtypes(arch, record, tmp_path):
         arch.fail("bf16 checkpoint -> bf16 candidate -> HF changed dtypes or bits", problems)
 
 
-@conformance(subject="reference", applies=declares_native_save)
+@conformance(subject="reference", applies=declares_native_save, dtypes=ANY_DTYPE)
 def test_transformers_save_naming(arch, record, tmp_path):
     """transformers' own class for the released checkpoint should write the on-disk naming (a
     check of transformers, not of the candidate)."""

@@ -10,7 +10,7 @@ import pytest
 from syrupy.extensions.amber import AmberSnapshotExtension
 
 from moe_conformance.pytest_plugin import CONFORMANCE
-from moe_conformance.checks import conformance
+from moe_conformance.checks import ANY_DTYPE, conformance
 
 
 def _schema(state):
@@ -29,13 +29,14 @@ def arch_snapshot(arch, snapshot, request):
     return snapshot.use_extension(BesideThePlugin)
 
 
-@conformance(subject="reference", requires=())
+@conformance(subject="reference", requires=(), dtypes=ANY_DTYPE)
 def test_checkpoint_schema(arch, arch_snapshot, record):
     schema = _schema(arch.disk_state)
     record(figures={"keys": len(schema)})
     assert schema == arch_snapshot
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_candidate_schema(arch, arch_snapshot, record):
     schema = _schema(arch.candidate().state_dict())
     record(figures={"keys": len(schema)})

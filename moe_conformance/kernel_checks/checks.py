@@ -126,11 +126,11 @@ def _generator(seed: int) -> torch.Generator:
 def make_route_inputs(case: RouteCase):
     g = _generator(case.seed)
     # std 2 logits: peaky enough that the top-k is decided well above fp32 noise
-    logits = torch.randn(case.tokens, case.num_experts, generator=g) * 2.0
+    logits = torch.randn(case.tokens, case.num_experts, generator=g) * 2.0 + case.logit_shift
     bias = None
     if case.routing.has_correction_bias:
         # both signs plus a common offset, like trained DeepSeek-V3 biases
-        bias = torch.randn(case.num_experts, generator=g) * 0.5 + 2.0
+        bias = torch.randn(case.num_experts, generator=g) * 0.5 + case.bias_offset
     return logits, bias
 
 
@@ -380,6 +380,10 @@ def run_kernel_checks(routing: RoutingConfig | None = None, *, backends=("torch"
             results.append({"op": "route", "backend": subject.name, "device": device, "skipped": why_route})
         elif "route" in stages:
             _route()
+            from .strategies import route_edge_cases
+
+            for case in route_edge_cases(routing):  # an extreme bias offset (BUGS.md #33)
+                results.append(check_route(case, backend=subject, device=device))
         if "permute" in stages:
             _perm()
         for dtype in dtypes:

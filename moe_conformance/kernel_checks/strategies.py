@@ -22,7 +22,7 @@ from ..routing import Routing
 
 __all__ = [
     "RoutingConfig", "RouteCase", "ExpertsCase", "DISTRIBUTIONS", "CI_PROFILE", "CI_SETTINGS",
-    "routing_configs", "route_cases", "experts_cases", "edge_cases",
+    "routing_configs", "route_cases", "experts_cases", "edge_cases", "route_edge_cases",
 ]
 
 # one token total / some experts get none / every token picks one expert / anything
@@ -40,10 +40,16 @@ class RouteCase:
     top_k: int
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     seed: int = 0
+    # the correction bias's common offset, and a shift of every logit: an extreme case puts the
+    # bias far above the scores (sigmoid ~1e-8 against a bias ~12, as trained checkpoints have)
+    bias_offset: float = 2.0
+    logit_shift: float = 0.0
 
     def describe(self) -> str:
+        extreme = (f" bias_offset={self.bias_offset:g} logit_shift={self.logit_shift:g}"
+                   if (self.bias_offset, self.logit_shift) != (2.0, 0.0) else "")
         return (f"T={self.tokens} E={self.num_experts} K={self.top_k} "
-                f"[{self.routing.describe()}] seed={self.seed}")
+                f"[{self.routing.describe()}] seed={self.seed}{extreme}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,20 @@ def experts_cases(draw, routing: RoutingConfig | None = None, max_tokens: int = 
     T = 1 if dist == "one_token" else draw(st.integers(1, max_tokens))
     return ExpertsCase(T, draw(st.integers(1, max_hidden)), draw(st.integers(1, max_intermediate)),
                        E, K, dist, draw(st.integers(0, 2**16)))
+
+
+def route_edge_cases(routing: RoutingConfig | None = None) -> list[RouteCase]:
+    """Routing cases every run covers, whatever hypothesis draws: with a correction bias, one
+    whose bias offset (12) dwarfs the scores (sigmoid of logits near -18: ~1e-8). In fp32,
+    score + bias rounds to the bias, so a kernel that recovers the unbiased score as
+    ``selected - bias`` gets 0 for every expert (flashinfer #3875, TRT-LLM #13328); the weights
+    must come from the unbiased scores."""
+    if routing is None or not routing.has_correction_bias:
+        return []
+    per_group = 3
+    E = routing.n_group * per_group if routing.n_group > 1 else 10
+    kept = routing.topk_group * per_group if routing.n_group > 1 else E
+    return [RouteCase(9, E, min(3, kept), routing, seed=5, bias_offset=12.0, logit_shift=-18.0)]
 
 
 def edge_cases(routing: RoutingConfig | None = None) -> list[ExpertsCase]:
