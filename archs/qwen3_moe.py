@@ -9,6 +9,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.native import native
 from moe_conformance.dryrun import released_config
+from moe_conformance.upcycling import Upcycling, dense_parent
 
 # hidden 64, dense 96 (unused unless mlp_only_layers), expert 40, head 32 != 64 / 4 (vLLM runs
 # head sizes 32..512 in powers of two); 12 experts top-3.
@@ -28,5 +29,8 @@ ARCH = ArchSpec(
     reference=Qwen3MoeForCausalLM,
     **native(attention="gqa", router_scoring="softmax", qk_norm="head"),
     released=released_config("qwen3_moe", Qwen3MoeConfig),
+    # its dense parent: every layer a dense MLP as wide as an expert (Qwen3-MoE's mlp_only_layers)
+    upcycling=Upcycling(dense=dense_parent(Qwen3MoeForCausalLM, mlp_only_layers=lambda c: list(range(c.num_hidden_layers)),
+                                           intermediate_size=lambda c: c.moe_intermediate_size)),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", aux_loss=True),
 )

@@ -89,10 +89,17 @@ class ArchCase:
     def reference_state(self) -> dict[str, torch.Tensor]:
         torch.manual_seed(self.case_seed)
         model = self.spec.reference(copy.deepcopy(self.config))
-        adversarial_init_(model, self.case_seed, dict(self.spec.init_gains))
+        adversarial_init_(model, self.case_seed, self.init_gains)
         if self.dtype != torch.float32:
             production_scale_(model)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @property
+    def init_gains(self) -> dict[str, float]:
+        """The adversarial init's gains: the variant's first (the first suffix that matches a
+        weight's name wins), then the arch's."""
+        own = dict(self.variant.init_gains)
+        return {**own, **{k: v for k, v in self.spec.init_gains.items() if k not in own}}
 
     def reference(self, config: Any = None, state: dict[str, torch.Tensor] | None = None, strict: bool = True,
                   dtype: torch.dtype | None = None):

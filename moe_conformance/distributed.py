@@ -84,6 +84,7 @@ class Launch:
     proc: subprocess.Popen
     started: float = field(default_factory=time.monotonic)
     keep: bool = False
+    _pids: dict[int, int] = field(default_factory=dict)
 
     def _read(self, name: str) -> str:
         try:
@@ -92,12 +93,12 @@ class Launch:
             return ""
 
     def pids(self) -> dict[int, int]:
-        out = {}
+        """The ranks' pids (those that have started), remembered once the folder is gone."""
         for r in range(self.nprocs):
             text = self._read(f"rank{r}.pid").strip()
             if text.isdigit():
-                out[r] = int(text)
-        return out
+                self._pids[r] = int(text)
+        return dict(self._pids)
 
     def all_pids(self) -> list[int]:
         return [self.proc.pid, *self.pids().values()]
@@ -159,12 +160,22 @@ class Launch:
                 raise self._hang(done)
             time.sleep(POLL)
 
+    def _failed_at(self, e: dict) -> float:
+        """When a rank failed: its error file's time (written before it exits) or its exit."""
+        try:
+            return min(e["t"], (self.folder / f"rank{e['rank']}.error").stat().st_mtime)
+        except OSError:
+            return e["t"]
+
     def _crash(self, exits: list[dict], done: list[int]) -> LaunchFailed:
-        exits = sorted(exits, key=lambda e: e["t"])
-        first = next(e for e in exits if e["code"] != 0 or e["rank"] not in done)
+        exits = sorted(exits, key=self._failed_at)
+        failed = [e for e in exits if e["code"] != 0 or e["rank"] not in done]
+        # the culprit: the first rank that failed on its own, not one that lost its peer (the
+        # others' collectives fail as soon as it is gone, and reaping order proves nothing)
+        first = next((e for e in failed if not _knock_on(self._read(f"rank{e['rank']}.error"))), failed[0])
         r = first["rank"]
         error = self._read(f"rank{r}.error").strip()
-        how = (f"raised {error.splitlines()[-1]}" if error else
+        how = (f"raised {error.splitlines()[-1][:300]}" if error else
                f"exited with code {first['code']}" + (" (killed by signal %d)" % -first["code"] if first["code"] < 0 else "")
                + " without writing its result")
         where = _innermost_user_frame(error) if error else ""
@@ -288,6 +299,16 @@ def start(task: str, payload: dict, nprocs: int, *, prepare: str | None = None, 
 def launch(task: str, payload: dict, nprocs: int, **options: Any) -> list[Any]:
     """:func:`start`, then :meth:`Launch.wait`."""
     return start(task, payload, nprocs, **options).wait()
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
+              "communicator was aborted", "NCCL communicator", "Socket Timeout", "Timed out waiting")
+
+
+def _knock_on(error: str) -> bool:
+    """A rank's error that only says a peer went away (the collective's other side died)."""
+    last = error.strip().splitlines()[-1] if error.strip() else ""
+    return any(p in last for p in _PEER_LOST)
 
 
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)', re.M)
@@ -716,7 +737,9 @@ def _single_process(case, payload: dict, hooks) -> dict:
     readings = _readings(step["tap"])
     mask = payload["batch"]["kwargs"]["attention_mask"]
     out = {"state": full_state, "dispatch": dispatch, "contributions": contributions, "loss": float(step["loss"].detach()),
-           "logits": _detach(step["logits"]), "grads": {n: _detach(q.grad) for n, q in cand.named_parameters()},
+           "logits": _detach(step["logits"]),
+           "grads": {n: _detach(q.grad) if q.grad is not None else torch.zeros_like(q, device="cpu")
+                     for n, q in cand.named_parameters()},
            "routing": readings, "experts_out": {k: _detach(v) for k, v in step["experts_out"].items()}}
     if "logits" in case.routing_fields():
         with torch.no_grad():

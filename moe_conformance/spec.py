@@ -92,6 +92,9 @@ class Variant:
     # equal or k = 1 so that code inferring a layout from shapes, or a renormalized top-1, is
     # caught; only a declared trap exempts it from the tiny_config rule it breaks.
     traps: frozenset[str] = frozenset()
+    # Extra init gains for this variant (by weight-name suffix), over the arch's ``init_gains``:
+    # e.g. a negative gain on the correction bias gives routing scores of both signs.
+    init_gains: Mapping[str, float] = field(default_factory=dict)
 
     def runs(self, family: str) -> bool:
         """Whether this variant runs the checks of ``family`` (see ``families``)."""
@@ -113,6 +116,8 @@ class ExpectedFailure:
     # False for a knock-on check the divergence may or may not trip (it then shows as xpassed,
     # never as a failure); the checks the divergence surely breaks stay strict
     strict: bool = True
+    # the --dtype runs it holds in ("bfloat16": only in the bf16 production profile); empty: all
+    dtypes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,12 +183,14 @@ class ArchSpec:
         known = ", ".join(v.name for v in self.variants)
         raise KeyError(f"arch {self.name!r} has no variant {name!r} (known: {known})")
 
-    def expected_failure(self, check: str, family: str, variant: str, test_id: str = "") -> ExpectedFailure | None:
+    def expected_failure(self, check: str, family: str, variant: str, test_id: str = "",
+                         dtype: str = "float32") -> ExpectedFailure | None:
         from .support import version_matches
 
         for xf in self.expected_failures:
             if (xf.check in (check, family) and (not xf.variants or variant in xf.variants)
-                    and all(part in test_id for part in xf.id_contains) and version_matches(xf.transformers)):
+                    and all(part in test_id for part in xf.id_contains) and version_matches(xf.transformers)
+                    and (not xf.dtypes or dtype in xf.dtypes)):
                 return xf
         return None
 
@@ -273,6 +280,8 @@ def validate(spec: Any, origin: str) -> ArchSpec:
         unknown = set(v.traps) - set(TRAPS)
         if unknown:
             raise fail("variants", f"variant {v.name!r} declares unknown traps {sorted(unknown)} (known: {sorted(TRAPS)})")
+        if not isinstance(v.init_gains, Mapping) or not all(isinstance(g, (int, float)) for g in v.init_gains.values()):
+            raise fail("variants", f"variant {v.name!r}: init_gains must map weight-name suffixes to numbers")
         if v.traps and v.name == "faithful":
             raise fail("variants", "the 'faithful' variant cannot declare traps: it mirrors the release; put "
                                    "coinciding sizes in a stress variant")

@@ -65,6 +65,29 @@ PROFILES: dict[tuple[str, str], Profile] = {
         },
         why="fp32 semantic parity: gates ~10x the measured fp32-vs-fp64 floor (benchmarks/noise_floor.py)",
     ),
+    # Floors from `python benchmarks/noise_floor.py --seeds 3 --dtype bfloat16` (every built-in arch
+    # variant x 3 seeds, 2-core CPU: benchmarks/results/noise_floor_bf16.md). Both models in bf16
+    # (what the reference keeps in fp32 kept there), weights at production scale (tiny.PRODUCTION_SCALE):
+    # bf16 vs fp64 moves logits by up to 0.39 (gpt_oss; most archs 0.01-0.1), so logit deltas
+    # are reported, not gated tightly; what separates a bf16 bug from bf16 rounding is routing.
+    ("logit_parity", "bfloat16"): Profile(
+        gates={
+            # floor: routing decisions differing between a correct candidate and the reference,
+            # both bf16: <= 2.5% of (token, layer) (deepseek_v2 and hunyuan_v1_moe 4.4%: their
+            # plugins hold them to 10%); gate 5% (2x). A bf16-rounded routing bias flips 51% on
+            # kimi_k25 (10x the gate), an ignored bias 96%.
+            "routing_flip_rate": Gate(0.05),
+            # floor KL mean 1.7e-4 (gpt_oss; most archs < 2e-6), max 5.6e-3: gates 5e-4 and 5e-2
+            # (3x and 9x), a sanity bound on the distributions beside the routing gate
+            "kl_mean": Gate(5e-4),
+            "kl_max": Gate(5e-2),
+            # floor: top-1 agreement with fp64 >= 0.91 where the top-2 margin is clear; gate 0.85
+            "top1_agreement": Gate(0.85, at_least=True),
+            # floor 0.39 (gpt_oss): reported against a loose bound only
+            "max_abs_logit_delta": Gate(1.0),
+        },
+        why="bf16 production profile: routing decisions gated at 2x the measured bf16 floor, distributions at 3-9x",
+    ),
     ("kernels_in_reference", "float32"): Profile(
         gates={
             # the kernels inside transformers' model vs its eager experts, fp32 (Triton
@@ -155,19 +178,39 @@ PROFILES: dict[tuple[str, str], Profile] = {
         },
         why="RL loop health and engine/trainer agreement: gates from benchmarks/rl_noise_floor.py",
     ),
+    # Floors from `python benchmarks/ep_gpu.py --device cpu --max-ranks 4 --seeds 3 --arch all` (gloo, every
+    # built-in arch's faithful variant x 3 seeds x 2..4 ranks, 2-core CPU, one thread per rank): the native EP
+    # shard vs the single-process candidate on the same inputs. Only the summation order differs (rows split
+    # over ranks, gradients summed by an all-reduce), so floors are a few fp32 ulps; every planted EP bug
+    # (tests/planted_ep.py) exceeds its gate by >= 1000x.
     ("expert_parallel", "float32"): Profile(
         gates={
-            # PROVISIONAL: measured below
+            # max |delta logit| on the rank's real tokens: floor 6.7e-6 (qwen2_moe; logits std ~4);
+            # gate 1e-4 (15x). Dropped tokens / skipped routed scaling / wrong offsets: >= 10.
             "logits_max_abs_delta": Gate(1e-4),
-            "routing_weights_max_abs_delta": Gate(1e-5),
+            # routing weights per (token, expert), same experts chosen: floor 3.3e-7; gate 5e-6 (15x);
+            # routed scaling skipped: 0.85. Chosen experts must agree exactly (inputs drawn clear of ties).
+            "routing_weights_max_abs_delta": Gate(5e-6),
+            "routing_mismatched_tokens": Gate(0),
+            # an MoE layer's experts output, relative to its largest entry: floor 7.7e-7; gate 1e-5 (13x)
             "experts_out_rel_delta": Gate(1e-5),
-            "dispatch_rel_delta": Gate(1e-5),
-            "loss_abs_delta": Gate(1e-5),
+            # the experts module alone on drawn choices (outputs, input and routing-weight gradients),
+            # relative: floor 1.6e-7 (outputs exactly 0); gate 2e-6 (13x); a capacity drop: 0.86
+            "dispatch_rel_delta": Gate(2e-6),
+            # the ranks' loss shares summed vs the batch loss (candidate's and reference's), relative:
+            # floor 2.6e-7 (loss ~13); gate 3e-6 (11x); skipped routed scaling: 6e-3
+            "loss_rel_delta": Gate(3e-6),
+            # per tensor and rank, max|g_rank - g_single| / max|g_single|: floor 9.9e-7 (qwen2_moe shared
+            # experts, 4 ranks); gate 1e-5 (10x); a replicated gradient left un-reduced: >= 0.38
             "grad_rel_delta": Gate(1e-5),
-            "aux_rel_delta": Gate(1e-5),
+            # the aux-loss shares summed vs the single-process aux loss, relative: floor 2.4e-7; gate 3e-6
+            # (12x); statistics left local: 6.5e-3
+            "aux_rel_delta": Gate(3e-6),
+            # the selection bias after one balancing step: floor 0 (integer loads, the same fp32 ops);
+            # any real difference is a multiple of 2 x the rate (0.04). Gate 1e-6 (2 ulps at |bias| ~7).
             "bias_max_abs_delta": Gate(1e-6),
         },
-        why="expert-parallel shard vs the single-process candidate",
+        why="expert-parallel shard vs the single-process candidate: gates 10-15x the measured gloo floors",
     ),
 }
 

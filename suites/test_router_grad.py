@@ -90,6 +90,13 @@ def test_router_weights_get_gradient(arch, record):
                 norms.append(float(p.grad.norm()))
     record(figures={"lm_loss": loss, "router_grad_norm_min": min(norms) if norms else 0.0})
     if problems:
+        try:
+            ones = all(bool((w.detach() == 1).all()) for w in tap.weights)
+        except Exception:  # noqa: BLE001 - no weights from the probe: no hint
+            ones = False
+        if arch.model_config.num_experts_per_tok == 1 and ones:
+            problems.append("top-1 routing with renormalization: the single weight is always 1, so the loss cannot "
+                            "reach the router (renormalize only k > 1, or weight by the unnormalized score)")
         arch.fail("router weights get no usable gradient from the language-modelling loss "
                     "(a router detached from the loss never learns to route)", problems)
 
@@ -296,6 +303,9 @@ def test_aux_loss(arch, record):
         if probs:
             hints.append(f"the candidate's router_logits equal {probs}(reference router logits): the router returns "
                          "probabilities, so the aux loss takes softmax of softmax")
+        if _rel(cand_aux, 2 * want) <= gate:
+            hints.append(f"it equals twice the formula ({2 * want:.6g}): the aux loss is counted twice (added to a loss "
+                         "that already holds it)")
         if _rel(cand_aux, with_padding) <= gate < _rel(cand_aux, want):
             hints.append(f"the candidate's aux loss equals the formula over all {batch.valid.numel()} rows "
                          f"({with_padding:.6g}), not over the {int(batch.valid.sum())} real tokens: it counts padding tokens")
@@ -373,3 +383,65 @@ def test_aux_loss_free_balancing(arch, record):
                         f"updates (ratio {ratio:.3g}, gate: <= {gate:.3g}): the bias update does not move load toward balance")
     if problems:
         arch.fail("aux-loss-free balancing", sorted(set(problems)))
+
+
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("logits"))
+def test_aux_loss_gradient_flows(arch, record):
+    """The team's aux loss, on the candidate's router logits, sends a gradient to every router:
+    a value computed right but cut from the graph never balances anything (NeMo Automodel #1408)."""
+    prep = _prepared(arch)
+    hooks = training.hooks_for(arch.spec)
+    cand = arch.candidate().train()
+    tap = training.routing_tap(arch, cand, "cand")
+    cand.zero_grad(set_to_none=True)
+    with tap():
+        training.run_model(cand, prep["batch"], False)
+    aux = hooks.aux_loss(tap.logits, arch.model_config.num_experts_per_tok, prep["batch"].attention_mask)
+    problems = []
+    if not isinstance(aux, torch.Tensor) or not aux.requires_grad:
+        problems.append(f"the aux loss {float(aux):.6g} has no gradient (requires_grad=False): it is detached from the "
+                        "router logits, so adding it to the loss changes nothing")
+    else:
+        aux.backward()
+        bias = set(_bias_names(arch))
+        for name, module in tap.modules.items():
+            for n, p in module.named_parameters():
+                if f"{name}.{n}" not in bias and p.dim() >= 2:
+                    found = _grad_problem(f"{name}.{n}", p)
+                    if found:
+                        problems.append(found)
+    record(figures={"aux_candidate": float(aux)})
+    if problems:
+        arch.fail("the aux loss sends no gradient to the routers", problems)
+
+
+# DeepSeek-V3 scale loads: ~40k tokens per expert, differences under the bf16 step there (256)
+BIG_LOADS = (40_000.0, 40_100.0, 39_900.0, 40_180.0, 39_820.0, 40_060.0)
+
+
+@conformance(requires=(), applies=needs_capability("correction_bias", "no selection-only bias, so no aux-loss-free balancing"))
+def test_bias_update_definition(arch, record):
+    """The team's bias update, on a zero fp32 bias and realistic loads (~40k tokens per expert),
+    moves every expert's bias by ``rate * sign(mean - load)`` and keeps it fp32: counts
+    accumulated in bf16 round by 256 there and flip the update's sign (Megatron-LM #7081)."""
+    hooks = training.hooks_for(arch.spec)
+    E = arch.num_experts
+    load = torch.tensor([BIG_LOADS[e % len(BIG_LOADS)] + 7.0 * (e // len(BIG_LOADS)) for e in range(E)], dtype=torch.float32)
+    bias = torch.zeros(E, dtype=torch.float32)
+    hooks.bias_update(bias, load.clone(), BALANCE_RATE)
+    want = torch.zeros(E)
+    training.bias_update(want, load.clone(), BALANCE_RATE)
+    wrong = [e for e in range(E) if torch.sign(bias[e]) != torch.sign(want[e])]
+    record(figures={"experts": E, "sign_errors": len(wrong), "bias_dtype": str(bias.dtype)})
+    problems = []
+    if bias.dtype != torch.float32:
+        problems.append(f"the bias update changed the bias's dtype to {bias.dtype}")
+    if wrong:
+        problems.append(f"{len(wrong)}/{E} expert(s) moved the wrong way, e.g. expert {wrong[0]} with load "
+                        f"{float(load[wrong[0]]):.0f} (mean {float(load.mean()):.1f}): got {float(bias[wrong[0]]):+.3g}, "
+                        f"the definition {float(want[wrong[0]]):+.3g} (loads counted or compared in bf16 round by 256 here)")
+    elif not torch.allclose(bias, want, rtol=1e-6, atol=0.0):
+        problems.append(f"the update's size differs from rate * sign(mean - load): max|delta| "
+                        f"{float((bias - want).abs().max()):.3g}")
+    if problems:
+        arch.fail("the aux-loss-free bias update does not follow its definition on realistic loads", problems)

@@ -65,25 +65,6 @@ def _router_jitter_in_training(model):
     _each(model, Router, lambda r: r.register_forward_pre_hook(pre))
 
 
-def _router_in_bf16(model):
-    # router logits computed in the activations' dtype: in a bf16 model, bf16 (ties flip)
-    def forward(self, x_TH, original):
-        if x_TH.dtype == torch.float32:
-            return original(x_TH)
-        logits = torch.nn.functional.linear(x_TH, self.gate.weight.to(x_TH.dtype)).float()
-        cfg = self.cfg
-        scores = logits.sigmoid() if cfg.router_scoring == "sigmoid" else logits.softmax(-1)
-        choice = scores + self.expert_bias if cfg.correction_bias else scores
-        indices = choice.topk(cfg.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return logits, weights * cfg.routed_scaling_factor, indices
-
-    _each(model, Router, lambda r: setattr(r, "forward", types.MethodType(
-        lambda self, x, original=r.forward: forward(self, x, original), r)))
-
-
 def _nan_gradients(model):
     model.output.register_full_backward_hook(lambda mod, grad_in, grad_out: (torch.full_like(grad_in[0], float("nan")),))
 
@@ -162,7 +143,6 @@ BUGS = {
     "router_grad_halved": ("kimi_k25", lambda s: s.replace(candidate=_patched(s, _router_gradient_halved))),
     "router_jitter_training": ("kimi_k25", lambda s: s.replace(candidate=_patched(s, _router_jitter_in_training))),
     "nan_gradients": ("kimi_k25", lambda s: s.replace(candidate=_patched(s, _nan_gradients))),
-    "router_in_bf16": ("qwen3_moe", lambda s: s.replace(candidate=_patched(s, _router_in_bf16))),
     "stale_export": ("kimi_k25", lambda s: s.replace(converter=_stale_export(s.converter))),
     "scaled_head_export": ("glm4_moe", lambda s: s.replace(converter=_scaled_head_export(s.converter))),
     "bias_update_reversed": ("kimi_k25", lambda s: s.replace(training=training.TrainingHooks(bias_update=_bias_update_reversed))),

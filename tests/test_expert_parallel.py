@@ -205,7 +205,6 @@ def test_a_failed_launch_fails_every_check_and_leaves_no_process(planted_reports
     pids = [int(p) for p in re.search(r"pids ([\d, ]+)\)", message).group(1).split(", ")]
     assert len(pids) == 5, message  # the launcher and 4 ranks
     assert not _gone(pids, grace=0.5), f"processes of the launch still exist: {pids}"
-    first = min(checks.values(), key=lambda c: c["name"])
     assert sum(c["seconds"] for c in checks.values()) < 120, "the failure took too long to be seen"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import run_planted_bug
+from helpers import checks_by_name, run_planted_bug, run_suites
 
 # bug -> (suite, variant, failing check (prefix of the test name), fragments its message must hold)
 EXPECTED = {
@@ -121,3 +121,23 @@ def test_bias_in_bf16_also_changes_the_reloaded_reference(pytester):
     run_planted_bug(pytester, "planted", "bias_bf16", "test_roundtrip.py", "faithful",
                     "test_converted_checkpoint_reloads_into_reference",
                     ["the reference reloaded from the converted checkpoint changes logits by up to"])
+
+
+def test_bf16_profile_catches_a_bf16_routing_bias(pytester):
+    """The bf16 production profile (--dtype bf16): a candidate that rounds its routing bias to
+    bf16 flips routing decisions 10x past the profile's gate (measured bf16 floor x2), while the
+    unbroken arch passes the same profile."""
+    result, reports = run_suites(pytester, "--dtype", "bf16", "-k", "faithful", suite="test_logit_parity.py",
+                                 plugin_source="import planted\nARCH = planted.build('bias_bf16')\n",
+                                 plugin_name="planted_bias_bf16_in_bf16")
+    checks = checks_by_name(reports["kimi_k25_bias_bf16"])
+    failed = [c for c in checks.values() if c["status"] == "failed"]
+    assert len(failed) == len(checks) == 5, {n: c["status"] for n, c in checks.items()}
+    flips = [c["figures"]["routing_flip_rate"] for c in failed]
+    gate = failed[0]["thresholds"]["routing_flip_rate"]
+    assert all("routing_flip_rate" in c["message"] for c in failed)
+    assert max(flips) >= GATE_MARGIN * gate, (flips, gate)
+    assert all("the correction bias rounded to bf16" in c["message"] for c in failed)
+    _, control = run_suites(pytester, "--arch", "kimi_k25", "--dtype", "bf16", "-k", "faithful",
+                            suite="test_logit_parity.py")
+    assert {c["status"] for c in control["kimi_k25"]["checks"]} == {"passed"}
