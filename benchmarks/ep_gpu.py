@@ -64,6 +64,9 @@ def main() -> int:
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         print(f"seed {seed}: pytest exit {proc.returncode} in {time.time() - t0:.1f} s ({proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ''})")
+        if proc.returncode not in (0, 1) or not list(folder.glob("*.json")):
+            print((proc.stdout + proc.stderr)[-4000:])
+            failures.append(f"seed {seed}: pytest exited {proc.returncode} with no report")
         for path in sorted(folder.glob("*.json")):
             report = json.loads(path.read_text())
             for check in report["checks"]:

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from moe_conformance import kernels  # noqa: E402
+from moe_conformance.native import kernels  # noqa: E402
 from moe_conformance.kernel_checks.reference import experts_reference  # noqa: E402
 
 LAYERS = {

@@ -38,10 +38,10 @@ class Routing:
     scoring: str = "softmax"
     n_group: int = 1
     topk_group: int = 1
-    group_score: str = "top2_sum"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     has_correction_bias: bool = False
+    group_score: str = "top2_sum"  # last: positional uses of the fields before it keep their meaning
 
     def describe(self) -> str:
         s = f"{self.scoring} norm={self.norm_topk_prob} scale={self.routed_scaling_factor:g}"

@@ -129,6 +129,7 @@ class SyncRun:
     logprobs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # step -> per sequence [len-1, V]
     seconds: float = 0.0
     engine_calls: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)  # the engine's own (vLLM: vllm, torch, transformers)
     error: str | None = None
 
     # the steps, in order: the engine built on S0 ("S0"), S0 sent again ("S0 again"), then S1
@@ -175,6 +176,7 @@ def run(case, factory: Callable[..., engines.Engine], seqs: list[list[int]],
     finally:
         for e in opened:
             out.engine_calls += list(getattr(e, "starts", []))
+            out.versions = dict(getattr(e, "versions", None) or out.versions)
             e.close()
     out.seconds = time.perf_counter() - start
     return out

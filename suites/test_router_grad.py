@@ -72,18 +72,27 @@ def _bias_names(arch) -> list[str]:
     return [k for k, disk in prep["disk_names"].items() if disk and set(disk) <= prep["bias_keys"]]
 
 
+VANISHING = 1e-6
+
+
 @conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_router_module)
 def test_router_weights_get_gradient(arch, record):
     cand = arch.candidate().train()
     loss, tap = _backward(arch, cand, False)
     bias = set(_bias_names(arch))
     problems, norms = [], []
+    # a gradient at float-noise level is no gradient: measured against the model's largest
+    # (healthy routers: 1e-2 of it; a renormalized top-1 weight: 1e-9)
+    largest = max((float(p.grad.abs().max()) for p in cand.parameters() if p.grad is not None), default=0.0)
     for name in tap.modules:
         params = [(f"{name}.{n}", p) for n, p in tap.modules[name].named_parameters() if f"{name}.{n}" not in bias]
         if not params:
             problems.append(f"router {name} has no trainable parameters")
         for full, p in params:
             found = _grad_problem(full, p)
+            if not found and float(p.grad.abs().max()) < VANISHING * largest:
+                found = (f"{full}: gradient vanishes (max |g| {float(p.grad.abs().max()):.3g}, under {VANISHING:g} of the "
+                         f"model's largest {largest:.3g}: float noise, not a signal)")
             if found:
                 problems.append(found)
             else:

@@ -114,6 +114,16 @@ INDEX = {
     "test_aux_loss": "tests/test_training_bugs.py::test_planted_training_bug_is_caught[aux_counts_padding]",
     "test_z_loss": "tests/test_training_bugs.py::test_planted_training_bug_is_caught[z_loss_wrong]",
     "test_aux_loss_free_balancing": "tests/test_every_check_can_fail.py::test_planted_bug_fails_its_check[bias_update_reversed]",
+    "test_aux_loss_gradient_flows": "tests/test_wave3_bugs.py::test_wave3_bug_is_caught[aux_detached]",
+    "test_bias_update_definition": "tests/test_wave3_bugs.py::test_wave3_bug_is_caught[bias_update_bf16]",
+    # lora_merge
+    "test_lora_merge_matches_unmerged": "tests/test_wave3_bugs.py::test_lora_merge_bug_fails_every_merge_check[lora_fused_dropped]",
+    "test_lora_merge_changes_exactly_the_targets": "tests/test_wave3_bugs.py::test_wave3_bug_is_caught[lora_fused_dropped]",
+    "test_lora_merged_checkpoint_roundtrips": "tests/test_wave3_bugs.py::test_lora_merge_bug_fails_every_merge_check[lora_fused_dropped]",
+    "test_lora_adapters_train": "tests/test_wave3_bugs.py::test_wave3_bug_is_caught[lora_frozen]",
+    # upcycling
+    "test_upcycled_moe_equals_dense": "tests/test_wave3_bugs.py::test_wave3_bug_is_caught[upcycle_scaling_left_on]",
+    "test_upcycled_experts_copy_the_dense_mlp": "tests/test_wave3_bugs.py::test_wave3_bug_is_caught[upcycle_expert_transposed]",
     # sft
     "test_sft_finite": "tests/test_every_check_can_fail.py::test_planted_bug_fails_its_check[nan_gradients]",
     "test_sft_loss_falls": "tests/test_every_check_can_fail.py::test_planted_bug_fails_its_check[optimizer_never_steps]",

@@ -21,8 +21,8 @@ EXPECTED = {
                          ["layers.1.moe.router: selected experts differ"]),
     "scaling_applied_twice": ("test_logit_parity.py", "faithful", "test_logit_parity",
                               ["routing weights differ", "weight sum reference 2.8270, candidate 7.99"]),
-    "top1_renormalized": ("test_router_grad.py", "top1", "test_router_weights_get_gradient",
-                          ["layers.1.moe.router.gate.weight: gradient is all zeros",
+    "top1_renormalized": ("test_router_grad.py", "top1]", "test_router_weights_get_gradient",
+                          ["layers.1.moe.router.gate.weight: gradient vanishes",
                            "top-1 routing with renormalization: the single weight is always 1"]),
     # layout
     "layout_from_shapes": ("test_roundtrip.py", "square", "test_expert_functions_match_file",
@@ -41,7 +41,7 @@ EXPECTED = {
                                 "layers.1.moe.router.expert_bias"]),
     "dense_layers_ignored": ("test_contract.py", "faithful", "test_contract_converter",
                              ["to_candidate(checkpoint) does not match the candidate's state_dict()",
-                              "layers.0.moe.router.gate.weight"]),
+                              "layers.0.moe.experts.w1", "has 3 key(s) the candidate does not (layers.0.feed_forward.w1.weight"]),
     "experts_collapsed_on_export": ("test_contract.py", "faithful", "test_contract_converter",
                                     ["to_hf(candidate state) does not give the checkpoint's key set",
                                      "model.layers.1.mlp.experts.1.down_proj.weight"]),
@@ -122,3 +122,20 @@ def test_only_the_variant_that_switches_it_on_catches_it(pytester, bug, check, v
     (report,) = reports.values()
     statuses = {n: c["status"] for n, c in checks_by_name(report).items() if n.startswith(check + "[")}
     assert statuses and set(statuses.values()) == {"passed"}, statuses
+
+
+@pytest.mark.parametrize("bug", ["lora_fused_dropped"])
+def test_lora_merge_bug_fails_every_merge_check(pytester, bug):
+    """A delta dropped for the stacked experts fails the logit checks of the merge too: the
+    merged candidate and the reference loaded from the merged file both differ from the
+    unmerged forward, and the message names the dropped tensors."""
+    result, reports = run_suites(pytester, suite="test_lora_merge.py", plugin_name=f"merge_{bug}",
+                                 plugin_source=f"import planted_wave3\nARCH = planted_wave3.build({bug!r})\n")
+    (report,) = reports.values()
+    checks = {n.split("[")[0]: c for n, c in checks_by_name(report).items()}
+    for name in ("test_lora_merge_matches_unmerged", "test_lora_merged_checkpoint_roundtrips"):
+        assert checks[name]["status"] == "failed", (name, checks[name])
+        message = checks[name]["message"]
+        assert "does not compute the unmerged candidate's logits" in message, message
+        assert "was silently dropped on merge" in message, message
+    assert checks["test_lora_adapters_train"]["status"] == "passed", checks["test_lora_adapters_train"]

@@ -553,8 +553,38 @@ def _rows_gemm(plan, a, b_ENK_view, out_cols, *, out_dtype, gather=False, row_sc
     return (c, c2) if swiglu else c
 
 
+def _grouped_wgrad(plan, g, x, *, out_dtype, gather_g, gather_x, row_scale, g2):
+    """The weight gradients on cuBLAS's grouped GEMM (torch._grouped_mm, ragged over the sorted
+    rows): on Hopper in bf16 it beats the Triton weight-gradient kernel (0.85x of the
+    torch._grouped_mm layer at 16k tokens, benchmarks/results/gpu_moe_layer.md)."""
+    rows = plan.row_token
+    G = g[rows] if gather_g else g
+    if row_scale is not None:
+        G = (G.float() * row_scale[:, None]).to(G.dtype)
+    X = x[rows] if gather_x else x
+    offs = plan.perm.offsets[1:].to(torch.int32)
+    empty = plan.perm.tokens_per_expert == 0  # an empty group's output is not promised to be zero
+    outs = []
+    for grad in (G, g2) if g2 is not None else (G,):
+        dw = torch._grouped_mm(grad.t(), X, offs=offs).to(out_dtype)
+        dw[empty] = 0
+        outs.append(dw)
+    return tuple(outs) if g2 is not None else outs[0]
+
+
+def _use_grouped_wgrad(x) -> bool:
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and os.environ.get("MOE_TRITON_WGRAD", "grouped_mm") == "grouped_mm")
+
+
 def _weight_gemm(plan, g, x, out_shape, *, out_dtype, gather_g=False, gather_x=False,
                  row_scale=None, g2=None):
+    if _use_grouped_wgrad(x):
+        try:
+            return _grouped_wgrad(plan, g, x, out_dtype=out_dtype, gather_g=gather_g, gather_x=gather_x,
+                                  row_scale=row_scale, g2=g2)
+        except RuntimeError:  # alignment or an older torch: the Triton kernel computes it
+            pass
     cfg = _cfg("wgrad", x.dtype)
     E, N, K = out_shape
     dw = _alloc.empty(out_shape, dtype=out_dtype, device=x.device)
