@@ -4,9 +4,9 @@ Importing this package is cheap (no torch): the pytest plugin imports it at star
 Arch plugins declare an ``ArchSpec``; see archs/ for examples.
 """
 
-from .contract import Decoding, ExpertsProbe, ModulePair, Probes, RouterProbe, RouterReading
+from .contract import Decoding, ExpertParallel, ExpertsProbe, ModulePair, Probes, RouterProbe, RouterReading
 from .spec import ArchSpec, Capabilities, ExpectedFailure, SpecError, Variant
 
-__all__ = ["ArchSpec", "Capabilities", "Decoding", "ExpectedFailure", "ExpertsProbe", "ModulePair", "Probes",
+__all__ = ["ArchSpec", "Capabilities", "Decoding", "ExpectedFailure", "ExpertParallel", "ExpertsProbe", "ModulePair", "Probes",
            "RouterProbe", "RouterReading", "SpecError", "Variant"]
 __version__ = "0.1.0"

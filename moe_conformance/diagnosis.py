@@ -88,6 +88,20 @@ def _other_eps(cfg) -> float:
     return 1e-6 if cfg.rms_norm_eps >= 1e-5 else 1e-5
 
 
+def _packed_documents_mixed(cfg, sd):
+    """Patch: the reference attends across packed documents (transformers with its cache on
+    ignores the document boundaries that position_ids mark)."""
+    def patch(model):
+        forward = model.forward
+
+        def run(*args, **kwargs):
+            kwargs["use_cache"] = True
+            return forward(*args, **kwargs)
+
+        model.forward = run
+    return sd, patch
+
+
 CATALOG: tuple[Deviation, ...] = (
     Deviation("the correction bias ignored in expert selection", _has_key("e_score_correction_bias"),
               ABLATIONS["correction_bias"]),
@@ -122,6 +136,7 @@ CATALOG: tuple[Deviation, ...] = (
               lambda cfg, sd: (sd, _in_bf16(("mlp.experts",)))),
     Deviation("the router computed in bf16", lambda cfg, sd: True,
               lambda cfg, sd: (sd, _in_bf16(("mlp.gate", "mlp.router")))),
+    Deviation("packed documents attending across their boundaries", lambda cfg, sd: True, _packed_documents_mixed),
     Deviation("RoPE theta ignored (10000)",
               lambda cfg, sd: (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0) != 10000.0,
               lambda cfg, sd: (_rope(cfg, rope_theta=10000.0), sd)[1]),

@@ -18,9 +18,10 @@ launch ends, its whole process group is killed; the ranks also die with their la
 (``PR_SET_PDEATHSIG``), and the launcher with the parent.
 
 **The expert-parallel run** (:func:`run_expert_parallel`): the parent converts the case's
-checkpoint and draws the inputs; every rank rebuilds the same case from its plugin (an
-``ArchCase`` is deterministic from (seed, variant)), loads the same weights, shards the
-candidate through the plugin's ``ExpertParallel.shard`` for each world size, and runs its rows:
+checkpoint and draws the inputs; the launcher rebuilds the same case from its plugin (an
+``ArchCase`` is deterministic from (seed, variant)) and loads the parent's converted weights;
+every rank, forked from it, shards a copy of the full candidate through the plugin's
+``ExpertParallel.shard`` for each world size (w on ranks 0..w-1) and runs its rows:
 the experts module alone on drawn choices (spread, one hot expert, the first experts only, a
 rank with no tokens), then a forward+backward of the language-modelling loss (each rank's loss
 its share of the batch mean), the declared gradient reduction, aux loss and bias update. The
@@ -609,7 +610,6 @@ def _slot_contributions(case, model, scenario: dict) -> dict:
 def _model_step(case, model, batch, n_labels: int, device) -> dict:
     """Forward (routing and experts outputs tapped) and backward of the rank's share of the
     batch's mean next-token loss."""
-    import torch
     import torch.nn.functional as F
 
     from .case import logits_of
@@ -654,7 +654,6 @@ def _ep_prepare(payload: dict):
 
 
 def _ep_task(ctx: Rank, prepared) -> dict:
-    import torch
     import torch.distributed as dist
 
     from .training import loads
@@ -700,21 +699,29 @@ def _ep_task(ctx: Rank, prepared) -> dict:
         res["routing"] = readings
         res["experts_out"] = {k: _detach(v) for k, v in step["experts_out"].items()}
         mask = batch["kwargs"]["attention_mask"].to(ctx.device)
-        if ep.aux_loss is not None:
+        # the team's aux loss and bias update: an error there (raised alike on every rank) fails
+        # their own check, not the launch
+        if ep.aux_loss is not None and step["tap"].has("logits"):
             ctx.stage(f"world size {w}: aux_loss")
-            res["aux_share"] = float(ep.aux_loss(step["tap"].logits, p["top_k"], mask, group).detach())
+            try:
+                res["aux_share"] = float(ep.aux_loss(step["tap"].logits, p["top_k"], mask, group).detach())
+            except Exception as exc:  # noqa: BLE001
+                res["aux_error"] = f"ExpertParallel.aux_loss raised {type(exc).__name__}: {exc}"
         if ep.bias_update is not None and p["bias_names"]:
             ctx.stage(f"world size {w}: bias_update")
             by_full = {full: name for name, (full, _, _) in located.items()}
             tensors = dict(shard.state_dict(keep_vars=True))
             res["bias"] = {}
-            for reading, full in zip(readings, p["bias_names"]):
-                if full is None:
-                    continue
-                bias = tensors[by_full.get(full, full)]
-                load = loads(reading["indices"].to(ctx.device), p["num_experts"], mask.reshape(-1).bool())
-                ep.bias_update(bias, load, p["bias_rate"], group)
-                res["bias"][full] = {"after": _detach(bias), "local_load": _detach(load)}
+            try:
+                for reading, full in zip(readings, p["bias_names"]):
+                    bias = None if full is None else tensors.get(by_full.get(full, full))
+                    if bias is None:
+                        continue
+                    load = loads(reading["indices"].to(ctx.device), p["num_experts"], mask.reshape(-1).bool())
+                    ep.bias_update(bias, load, p["bias_rate"], group)
+                    res["bias"][full] = {"after": _detach(bias), "local_load": _detach(load)}
+            except Exception as exc:  # noqa: BLE001
+                res["bias_error"] = f"ExpertParallel.bias_update raised {type(exc).__name__}: {exc}"
         results[w] = res
         del step, shard, model
     dist.barrier()
@@ -749,7 +756,7 @@ def _single_process(case, payload: dict, hooks) -> dict:
         if found is None:
             continue
         name, bias = found
-        before = bias.detach().clone()
+        before = _detach(bias)
         load = loads(reading["indices"], payload["num_experts"], mask.reshape(-1).bool())
         after = before.clone()
         hooks.bias_update(after, load, payload["bias_rate"])
@@ -772,15 +779,14 @@ def _reference(case, payload: dict) -> dict:
     logits = logits_of(run_model(ref, batch, True))
     loss = lm_loss(logits, batch.labels)
     loss.backward()
-    return {"logits": _detach(logits), "loss": float(loss.detach()), "disk_grads": reference_disk_grads(case, ref)}
+    return {"logits": _detach(logits), "loss": float(loss.detach()),
+            "disk_grads": {k: _detach(v) for k, v in reference_disk_grads(case, ref).items()}}
 
 
 def run_expert_parallel(case, world_sizes: tuple[int, ...] = (2, 4)) -> EPRun:
     """Run the case's expert-parallel shard on max(world_sizes) ranks (each world size w on
     ranks 0..w-1 of its own group), and the same on one process; every figure the
     ``expert_parallel`` suite compares. A failed launch gives an EPRun with ``error`` set."""
-    import torch
-
     from . import data, tokenizer
     from .routing import top_k
     from .training import hooks_for, selection_biases

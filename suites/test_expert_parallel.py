@@ -514,6 +514,10 @@ def test_ep_aux_loss(arch, world_size, record):
     hooks = training.hooks_for(arch.spec)
     k = arch.model_config.num_experts_per_tok
     ranks = run.ranks[world_size]
+    errors = [f"rank {r}: {res['aux_error']}" for r, res in enumerate(ranks) if "aux_error" in res]
+    if errors or any("aux_share" not in res for res in ranks):
+        arch.fail(f"on {world_size} ranks, the distributed aux loss could not be computed",
+                  errors or ["the ranks' routing probes gave no router logits"])
     shares = [res["aux_share"] for res in ranks]
     total = sum(shares)
     want = run.single["aux"]
@@ -559,6 +563,9 @@ def test_ep_bias_update(arch, world_size, record):
     problems = []
     if not run.single["bias"]:
         arch.fail("capabilities say correction bias, but no candidate tensor converts to the reference's selection bias", [])
+    errors = [f"rank {r}: {res['bias_error']}" for r, res in enumerate(ranks) if "bias_error" in res]
+    if errors:
+        arch.fail(f"on {world_size} ranks, the distributed bias update failed", errors)
     for name, want in run.single["bias"].items():
         loads = []
         for r, res in enumerate(ranks):

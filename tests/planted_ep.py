@@ -115,8 +115,17 @@ BUGS = {
 }
 
 
+# not bugs: the unbroken declaration, and the same without locate (the contract's default rule:
+# same names, shorter first dimension = contiguous rows in rank order); both must pass everything
+CONTROLS = {
+    "control": lambda s: s,
+    "default_locate": _ep(locate=None),
+}
+
+
 def build(bug: str):
-    return dataclasses.replace(BUGS[bug](base_spec("kimi_k25")), name=f"kimi_k25_{bug}")
+    breaks = BUGS.get(bug) or CONTROLS[bug]
+    return dataclasses.replace(breaks(base_spec("kimi_k25")), name=f"kimi_k25_{bug}")
 
 
 # ---- launcher-level tasks (moe_conformance.distributed.launch)

@@ -157,14 +157,10 @@ PRECISE = ("replicated_grads_not_reduced", "load_not_reduced", "aux_statistics_l
 def planted_reports(tmp_path_factory):
     folder = tmp_path_factory.mktemp("planted_ep")
     plugins = []
-    for bug in [*PLANTED, "not_declared"]:
+    for bug in [*PLANTED, "not_declared", "control", "default_locate"]:
         path = folder / f"planted_ep_{bug}.py"
         path.write_text(f"import planted_ep\nARCH = planted_ep.build({bug!r})\n")
         plugins += ["--arch-plugin", str(path)]
-    control = folder / "planted_ep_control.py"
-    control.write_text("import dataclasses\nfrom planted import base_spec\n"
-                       "ARCH = dataclasses.replace(base_spec('kimi_k25'), name='kimi_k25_control')\n")
-    plugins += ["--arch-plugin", str(control)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", *plugins, "--family", "expert_parallel",
@@ -208,10 +204,15 @@ def test_a_failed_launch_fails_every_check_and_leaves_no_process(planted_reports
     assert sum(c["seconds"] for c in checks.values()) < 120, "the failure took too long to be seen"
 
 
-def test_the_unbroken_copy_passes_and_undeclared_ep_is_not_applicable(planted_reports):
-    control = planted_reports["reports"]["kimi_k25_control"]
-    assert len(control) == 12 and {c["status"] for c in control.values()} == {"passed"}, \
-        {n: (c["status"], c["message"][:300]) for n, c in control.items()}
+@pytest.mark.parametrize("control", ["control", "default_locate"])
+def test_the_unbroken_declaration_passes(planted_reports, control):
+    """As declared, and with ExpertParallel.locate left to the default rule."""
+    checks = planted_reports["reports"][f"kimi_k25_{control}"]
+    assert len(checks) == 12 and {c["status"] for c in checks.values()} == {"passed"}, \
+        {n: (c["status"], c["message"][:300]) for n, c in checks.items()}
+
+
+def test_undeclared_expert_parallelism_is_not_applicable(planted_reports):
     undeclared = planted_reports["reports"]["kimi_k25_not_declared"]
     assert len(undeclared) == 12 and {c["status"] for c in undeclared.values()} == {"not_applicable"}
     assert all("declare ArchSpec(expert_parallel=ExpertParallel(shard=" in c["message"] for c in undeclared.values())

@@ -1,0 +1,56 @@
+"""Foreign candidates, reached only through the written contract (tests/foreign/): a
+hand-written plain-PyTorch MoE with its own names, fused experts and a logits-only router; the
+same model with a Megatron-Core-style router; and transformers' own Qwen3-MoE in its in-memory
+layout (a team wrapping transformers). Each runs every family with no crash and no failure.
+A transformers-based candidate that keeps its cache on lets packed documents attend to each
+other: the suite fails it and names that cause."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import checks_by_name, run_suites
+
+FOREIGN = Path(__file__).parent / "foreign"
+
+
+def _run(pytester, plugin: str, *args):
+    for f in FOREIGN.glob("*.py"):
+        shutil.copy(f, pytester.path / f.name)
+    if (FOREIGN / "__snapshots__").exists():
+        shutil.copytree(FOREIGN / "__snapshots__", pytester.path / "__snapshots__", dirs_exist_ok=True)
+    return run_suites(pytester, "--arch-plugin", str(pytester.path / plugin), "-k", "faithful", *args)
+
+
+@pytest.mark.parametrize("plugin, archs", [
+    ("plain_plugin.py", ["plain_mixtral", "megatron_mixtral"]),
+    ("hf_candidate_plugin.py", ["hf_qwen3_moe"]),
+])
+def test_foreign_candidate_runs_every_family(pytester, plugin, archs):
+    result, reports = _run(pytester, plugin)
+    for arch in archs:
+        statuses = {n: c["status"] for n, c in checks_by_name(reports[arch]).items()}
+        bad = {n: checks_by_name(reports[arch])[n]["message"][:300] for n, s in statuses.items()
+               if s in ("failed", "error", "interrupted", "blocked")}
+        assert not bad, bad
+        families = {c["family"] for c in reports[arch]["checks"]}
+        assert {"contract", "logit_parity", "roundtrip", "router_grad", "sft", "rl", "engine_parity"} <= families
+
+
+def test_a_transformers_candidate_with_its_cache_on_mixes_packed_documents(pytester):
+    (pytester.path / "cached_plugin.py").write_text(
+        "import hf_candidate_plugin as p\n"
+        "from transformers import Qwen3MoeForCausalLM\n"
+        "def candidate(config):\n"
+        "    config._attn_implementation = 'eager'\n"
+        "    config._experts_implementation = 'eager'\n"
+        "    return Qwen3MoeForCausalLM(config)  # the bug: use_cache left on\n"
+        "ARCH = p.ARCH.replace(name='hf_qwen3_moe_cached', candidate=candidate)\n")
+    _, reports = _run(pytester, "cached_plugin.py", "--family", "logit_parity")
+    checks = checks_by_name(reports["hf_qwen3_moe_cached"])
+    failed = {n: c for n, c in checks.items() if c["status"] == "failed"}
+    assert set(failed) == {"test_logit_parity[hf_qwen3_moe_cached-faithful-packed]"}, set(failed)
+    assert "packed documents attending across their boundaries" in next(iter(failed.values()))["message"]
