@@ -50,7 +50,12 @@ class _HalfGradient(torch.autograd.Function):
 
 
 def _router_gradient_halved(model):
-    _each(model, Router, lambda r: r.gate.register_forward_hook(lambda mod, args, out: _HalfGradient.apply(out)))
+    # the routing weights the router hands on carry half their gradient back
+    def halve(mod, args, out):
+        logits, weights, indices = out
+        return logits, _HalfGradient.apply(weights), indices
+
+    _each(model, Router, lambda r: r.register_forward_hook(halve))
 
 
 def _router_jitter_in_training(model):

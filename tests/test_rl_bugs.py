@@ -1,4 +1,4 @@
-"""Every RL / engine check can fail: each planted bug (tests/planted_rl.py, BUGS.md #31-32)
+"""Every RL / engine check can fail: each planted bug (tests/planted_rl.py, BUGS.md #31-32, #51-52)
 makes the RIGHT check of the rl or engine_parity suite fail with a message naming the fault, and
 the same suites pass on the unbroken archs (the control)."""
 
@@ -28,13 +28,35 @@ EXPECTED = {
     "routing_differs": ("test_rl.py", "test_rl_routing_consistency",
                         ["routing differs between rollout (candidate) and training", "flip rate per MoE layer",
                          "routed to different experts"]),
+    # engine weight sync (BUGS.md #51)
+    "last_layer_not_synced": ("test_engine_parity.py", "test_engine_sync_complete",
+                              ["after a weight update it does not serve the new weights", "not synced: layer 1 ("]),
+    "experts_not_synced": ("test_engine_parity.py", "test_engine_sync_complete",
+                           ["after a weight update it does not serve the new weights", "not synced: experts ("]),
+    "experts_accumulate_on_update": ("test_engine_parity.py", "test_engine_sync_identity",
+                                     ["an identity update (the same weights again) changes its logprobs",
+                                      "the update is not idempotent"]),
+    "update_against_stale_base": ("test_engine_parity.py", "test_engine_sync_composes",
+                                  ["two updates do not compose", "applies updates against a stale base"]),
+    # routing replay (BUGS.md #52)
+    "replay_on_orphan_routers": ("test_rl.py", "test_routing_replay_matches_engine",
+                                 ["routing replay does not make the trainer route like the engine",
+                                  "replay silently does nothing", "orphan routers"]),
+    "replay_zeroed_gates": ("test_rl.py", "test_routing_replay_gradient",
+                            ["the gates or the router's gradient are wrong", "router gradient relative delta",
+                             "post-top-k tensor"]),
 }
+# the engine bugs sit in the RL engine: the other engines' parametrizations are not needed
+ONLY = {"last_layer_not_synced": "candidate", "experts_not_synced": "candidate",
+        "experts_accumulate_on_update": "candidate", "update_against_stale_base": "candidate",
+        "replay_on_orphan_routers": "replay", "replay_zeroed_gates": "replay"}
 
 
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
 def test_planted_rl_bug_is_caught(pytester, bug):
     suite, check, fragments = EXPECTED[bug]
-    run_planted_bug(pytester, "planted_rl", bug, suite, "faithful", check, fragments)
+    selection = f"faithful and {ONLY[bug]}" if bug in ONLY else "faithful"
+    run_planted_bug(pytester, "planted_rl", bug, suite, selection, check, fragments)
 
 
 @pytest.mark.parametrize("arch", ["kimi_k25", "qwen3_moe", "mixtral"])
@@ -45,4 +67,4 @@ def test_unbroken_arch_passes_rl_suites(pytester, arch):
     statuses = {name: c["status"] for name, c in checks_by_name(reports[arch]).items()}
     result, reports = run_suites(pytester, "--arch", arch, "-k", "faithful", suite="test_engine_parity.py")
     statuses.update({name: c["status"] for name, c in checks_by_name(reports[arch]).items()})
-    assert statuses and set(statuses.values()) <= {"passed", "skipped"}, statuses
+    assert statuses and set(statuses.values()) <= {"passed", "skipped", "not_applicable"}, statuses

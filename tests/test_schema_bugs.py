@@ -19,6 +19,7 @@ PLUGIN = textwrap.dedent("""
         if RENAMED:  # a PR renames the final norm (and its converter rule): the candidate format changes
             model.final_norm = model.norm
             del model.norm
+            model.__class__ = type("Renamed", (type(model),), {{"norm": property(lambda self: self.final_norm)}})
         return model
 
     class Converter:

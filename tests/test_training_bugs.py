@@ -45,4 +45,4 @@ def test_unbroken_arch_passes(pytester, arch, suite):
     """The control: the arches the bugs are planted in pass the same suites unbroken."""
     result, reports = run_suites(pytester, "--arch", arch, "-k", "faithful", suite=suite)
     statuses = {name: c["status"] for name, c in checks_by_name(reports[arch]).items()}
-    assert statuses and set(statuses.values()) <= {"passed", "skipped"}, statuses
+    assert statuses and set(statuses.values()) <= {"passed", "skipped", "not_applicable"}, statuses
