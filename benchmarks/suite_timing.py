@@ -8,7 +8,8 @@ Run it on a fresh clone after `bash scripts/bootstrap.sh` (cold caches are part 
 Each arch runs in a fresh process (imports included, as a user's CI would pay them). Prints a
 Markdown table: wall seconds and peak RSS of the whole run, then seconds per family (summed
 setup+call+teardown durations from the report, so model building lands in the family that
-first needs it), and the line count of each arch plugin (plugins should stay declarations).
+first needs it), and the line count of each arch plugin (plugins should stay declarations); with
+vLLM on, per arch the vLLM worker's cold starts, engine builds and seconds.
 """
 
 from __future__ import annotations
@@ -79,7 +80,21 @@ def main() -> None:
             plugin = REPO / "archs" / f"{arch}.py"
             lines = sum(1 for _ in plugin.open()) if plugin.exists() else "-"
             print(f"| {arch} | " + " | ".join(f"{secs.get(f, 0):.1f}" for f in families) + f" | {lines} |")
+    vllm = {arch: calls for r in results.values() for arch, rep in sorted(r["reports"].items())
+            if (calls := vllm_calls(rep))}
+    if vllm:
+        print("\n| arch | vLLM worker cold starts | vLLM engine builds | vLLM seconds (wall, summed) |")
+        print("|---|---|---|---|")
+        for arch, calls in vllm.items():
+            print(f"| {arch} | {sum(1 for c in calls if c.get('import', 0) > 0)} | "
+                  f"{sum(1 for c in calls if c.get('start', 0) > 0)} | {sum(c.get('wall', 0) for c in calls):.1f} |")
     sys.exit(max(r["rc"] for r in results.values()))
+
+
+def vllm_calls(report: dict) -> list[dict]:
+    """The vLLM worker calls the report's checks recorded (``vllm_calls`` figures: import, engine
+    build and request seconds, wall), each once."""
+    return [c for check in report["checks"] for c in (check.get("figures") or {}).get("vllm_calls") or []]
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import data, engines, tokenizer, training
+from .replay import replay_routing
 from .case import logits_of
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +101,10 @@ class RLHooks:
     engine: Callable[..., engines.Engine] = engines.default_engine  # (case, candidate_state) -> Engine
     reward: Callable[[str, str], float] = reverse_reward
     kl_estimator: KLEstimator = K3
+    # routing replay: (case, trainer model, routes) -> context manager in which the trainer's
+    # forward uses the engine's recorded experts (moe_conformance.replay; default: forced
+    # through the candidate's probes, gates from the trainer's router at the replayed experts)
+    replay: Callable[..., Any] = replay_routing
 
 
 REFERENCE_HOOKS = RLHooks()
@@ -162,7 +167,9 @@ def warm_start(case, cfg: RLConfig) -> tuple[torch.nn.Module, list[float]]:
         opt.zero_grad(set_to_none=True)
         loss = training.lm_loss(logits_of(model(**batch.kwargs)), batch.labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), tcfg.clip, foreach=False)
+        norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), tcfg.clip, foreach=False)
+        if not torch.isfinite(norm):  # say so here: NaN weights would only show as a sampler crash later
+            raise FloatingPointError(f"warm start step {len(losses)}: the candidate's grad norm is not finite ({float(norm)})")
         opt.step()
         losses.append(float(loss.detach()))
     return model, losses
@@ -290,3 +297,51 @@ def run_rl(case, hooks: RLHooks = REFERENCE_HOOKS, cfg: RLConfig = RLConfig(), e
 
 def finite(values: list[float]) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+def rounded(values):
+    return [float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v for v in values]
+
+
+# --------------------------------------------------------------------------------------------
+# Engine / trainer mismatch during a run: what the rl and engine_parity suites report
+
+
+def mismatch_problems(run: RLRun, steps: list[int], gates: dict[str, float]) -> list[str]:
+    """One line per step whose engine/trainer mismatch (k3 KL, max |delta logprob|) exceeds its gate."""
+    log = run.log
+    out = []
+    for s in steps:
+        figs = {"mismatch_kl": log.mismatch_kl[s], "mismatch_max": log.mismatch_max[s]}
+        over = [f"{k} = {v:.3g} (gate: <= {gates[k]:.3g})" for k, v in figs.items() if not abs(v) <= gates[k]]
+        if over:
+            out.append(f"step {s}: " + "; ".join(over) + f"; mean |delta logprob| {log.mismatch_mean[s]:.3g} over "
+                       f"{log.completion_tokens[s]} sampled tokens")
+    return out
+
+
+def diagnose(run: RLRun, steps: list[int], gates: dict[str, float]) -> list[str]:
+    """Known faults recognized from the run's diagnostics: temperature on the logprobs, stale weights."""
+    log, T = run.log, run.cfg.temperature
+    hints = []
+    g = gates["mismatch_max"]
+    bad = [s for s in steps if not log.mismatch_max[s] <= g]
+    if bad and all(log.engine_vs_untempered_max[s] <= g for s in bad):
+        hints.append(f"the engine's logprobs equal log_softmax(logits) / T (T = {T}; max|delta| "
+                     f"{max(log.engine_vs_untempered_max[s] for s in bad):.3g}): temperature applied to the logprobs "
+                     f"instead of the logits")
+    after = [s for s in bad if s > 0]
+    if after and all(log.engine_vs_reference_max[s] <= g for s in after):
+        hints.append(f"at step(s) {after[:5]} the engine's logprobs equal the frozen initial weights' (max|delta| "
+                     f"{max(log.engine_vs_reference_max[s] for s in after):.3g}): stale weights, the engine did not "
+                     f"receive the weight update")
+    return hints
+
+
+def mismatch_curves(case_id: str, run: RLRun) -> dict:
+    log = run.log
+    return {"title": f"{case_id}: engine ({run.engine}) vs trainer logprobs on sampled tokens",
+            "panels": {"mismatch KL (k3, engine || trainer)": {"mismatch_kl": rounded(log.mismatch_kl)},
+                       "max |delta logprob|": {"mismatch_max": rounded(log.mismatch_max),
+                                               "mean": rounded(log.mismatch_mean)}},
+            "log_panels": ["mismatch KL (k3, engine || trainer)", "max |delta logprob|"]}

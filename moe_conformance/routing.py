@@ -9,6 +9,7 @@ done elsewhere), and the topology validation. It follows transformers' semantics
 - ``sigmoid``: sigmoid scores (DeepSeek-V3, Kimi K2, GLM-4.5, MiniMax-M2); the correction bias
   is added to a copy used only to choose experts;
 - ``softmax_topk``: top-k of the logits, softmax over those k (gpt-oss);
+- ``sigmoid_topk``: top-k of the logits, each weight the sigmoid of its logit (Llama 4);
 - group-limited choice (``n_group > 1``): keep the ``topk_group`` groups with the best group
   score (``top2_sum``: sum of the group's two best biased scores, DeepSeek-V3; ``max``: its
   best score, DeepSeek-V2) and drop every other expert (-inf, never 0: with scores of both
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-SCORINGS = ("sigmoid", "softmax", "softmax_topk")
+SCORINGS = ("sigmoid", "softmax", "softmax_topk", "sigmoid_topk")
 GROUP_SCORES = ("top2_sum", "max")
 
 
@@ -76,7 +77,7 @@ class Routing:
 
     # ---- the math
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.scoring == "sigmoid":
+        if self.scoring in ("sigmoid", "sigmoid_topk"):  # sigmoid_topk: ranks as the logits do
             return logits.sigmoid()
         if self.scoring == "softmax":
             return logits.softmax(-1)
@@ -108,6 +109,8 @@ class Routing:
         indices = _stable_top(self.choice_scores(logits, bias), top_k)
         if self.scoring == "softmax_topk":
             weights = logits.gather(-1, indices).softmax(-1)
+        elif self.scoring == "sigmoid_topk":
+            weights = logits.gather(-1, indices).sigmoid()
         else:
             weights = self.scores(logits).gather(-1, indices)
             if self.norm_topk_prob:
@@ -159,8 +162,9 @@ def from_config(cfg: Any, scoring: str, correction_bias: bool = False) -> Routin
     rarely name it); DeepSeek-V2's ``topk_method`` picks its group score."""
     method = getattr(cfg, "topk_method", None)
     grouped = method not in ("greedy",)
-    # configs without the field (Mixtral) always renormalize their softmax top-k
-    default_norm = scoring == "softmax"
+    # configs without the field always renormalize their top-k (Mixtral's softmax, MiniMax-M2's
+    # sigmoid); those that may not (Qwen2-MoE, OLMoE, DeepSeek) carry norm_topk_prob
+    default_norm = True
     return Routing(
         scoring=scoring,
         n_group=int(_first(cfg, "n_group", default=1) or 1) if grouped else 1,

@@ -13,14 +13,18 @@ transformers, vLLM), on the prompt logprobs of the parity sequences:
 - **composes**: two updates (S1, then S2) leave the engine where one update to S2 does (an
   engine applying updates as deltas against a stale base passes a single update).
 
-Every comparison is engine against the same engine (built fresh, or updated once), so the
-checks see the update path alone: an engine that disagrees with the trainer everywhere fails
-engine parity, not these. On failure the stale part is named: the trainer's logprobs with one
-group of parameters (a layer, a kind: experts, router, attention, ...) held at the old weights
-are compared with the engine's, and the group whose staleness reproduces the engine is reported.
+Each property compares the engine with the same engine (built fresh, or updated once), which
+sees the update path alone, and with the trainer where the engine matched the trainer before the
+update (an engine that disagrees with the trainer everywhere fails engine parity, not these): an
+export that stops carrying new weights after the first one (every engine built on it is stale)
+shows there. On failure the stale part is named: the trainer's logprobs with one group of
+parameters (a layer, a kind: experts, router, attention, ...) held at the old weights are compared
+with the engine's, and the group whose staleness reproduces the engine is reported.
 
-``run(case, factory, seqs)`` runs the protocol once (six engine states, one engine at a time)
-and returns every logprob list; the checks read it (the suite caches it per case and engine).
+``run(case, factory, seqs, states)`` runs the protocol once (six engine states, one engine at a
+time; four for an engine that rebuilds on every load, ``Engine.rebuilds_on_load``, where an updated
+engine is a fresh one) and returns every logprob list with the trainer's; the checks read it (the
+suite computes it once per case and engine per run).
 """
 
 from __future__ import annotations
@@ -130,12 +134,13 @@ class SyncRun:
     seconds: float = 0.0
     engine_calls: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)  # the engine's own (vLLM: vllm, torch, transformers)
+    rebuilds_on_load: bool = False  # Engine.rebuilds_on_load: "fresh S1" is "S1", "S0 -> S2" is "S1 -> S2"
     error: str | None = None
 
     # the steps, in order: the engine built on S0 ("S0"), S0 sent again ("S0 again"), then S1
     # ("S1"), then S2 ("S1 -> S2"); an engine built fresh on S1 ("fresh S1"); an engine built on
-    # S0 that gets S2 ("S0 -> S2")
-    STEPS = ("S0", "S0 again", "S1", "fresh S1", "S1 -> S2", "S0 -> S2")
+    # S0 that gets S2 ("S0 -> S2"); and the trainer's own logprobs on each ("trainer S0" ...)
+    STEPS = ("S0", "S0 again", "S1", "fresh S1", "S1 -> S2", "S0 -> S2", "trainer S0", "trainer S1", "trainer S2")
 
 
 def run(case, factory: Callable[..., engines.Engine], seqs: list[list[int]],
@@ -152,9 +157,12 @@ def run(case, factory: Callable[..., engines.Engine], seqs: list[list[int]],
         e = factory(case, state)
         opened.append(e)
         out.engine = getattr(e, "name", type(e).__name__)
+        out.rebuilds_on_load = bool(getattr(e, "rebuilds_on_load", False))
         return e
 
     try:
+        for name, state in (("trainer S0", s0), ("trainer S1", s1), ("trainer S2", s2)):
+            out.logprobs[name] = engines.trainer_prompt_logprobs(case.candidate(state=state), seqs, case.device)
         e = build(s0)
         out.logprobs["S0"] = e.prompt_logprobs(seqs)
         e.load(s0)
@@ -163,12 +171,16 @@ def run(case, factory: Callable[..., engines.Engine], seqs: list[list[int]],
         out.logprobs["S1"] = e.prompt_logprobs(seqs)
         e.load(s2)
         out.logprobs["S1 -> S2"] = e.prompt_logprobs(seqs)
-        f = build(s1)
-        out.logprobs["fresh S1"] = f.prompt_logprobs(seqs)
-        f.close()
-        g = build(s0)
-        g.load(s2)
-        out.logprobs["S0 -> S2"] = g.prompt_logprobs(seqs)
+        if out.rebuilds_on_load:  # an updated engine is a fresh one: the trainer comparisons decide
+            out.logprobs["fresh S1"] = out.logprobs["S1"]
+            out.logprobs["S0 -> S2"] = out.logprobs["S1 -> S2"]
+        else:
+            f = build(s1)
+            out.logprobs["fresh S1"] = f.prompt_logprobs(seqs)
+            f.close()
+            g = build(s0)
+            g.load(s2)
+            out.logprobs["S0 -> S2"] = g.prompt_logprobs(seqs)
     except Exception as exc:  # noqa: BLE001 - a crash is a finding, reported by the checks
         import traceback
 

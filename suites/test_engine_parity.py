@@ -20,9 +20,13 @@ engine built on those weights serves (complete; a stale layer or kind of paramet
 two updates end where one update to the final weights does (composes). The RL engine and
 transformers run them on the faithful variant, vLLM on its variant.
 
-vLLM engines are built by one worker process per pytest process (``engines.VLLMServer``); the
-parity and weight-sync checks of a case share one run of the sync protocol (six engine builds),
-computed once per pytest run even under pytest-xdist (``moe_conformance.shared_cache``).
+**RL with vLLM rollouts** (``test_rl_vllm``): the rl family's GRPO loop for two steps with vLLM
+as the engine, the engine/trainer mismatch on the sampled tokens under the rl gates.
+
+vLLM engines are built by one worker process per pytest process (``engines.VLLMServer``: one
+cold start, then ~2 s per engine); the parity and weight-sync checks of a case share one run of
+the sync protocol (four vLLM engines: vLLM rebuilds on every load, so an updated engine is a
+fresh one), computed once per pytest run even under pytest-xdist (``moe_conformance.shared_cache``).
 """
 
 from __future__ import annotations
@@ -79,10 +83,10 @@ def _states(arch, seqs):
 def _sync_run(arch, engine_name, shared) -> weight_sync.SyncRun:
     seqs = engines.parity_sequences(arch)
 
-    def compute():
-        return weight_sync.run(arch, _factory(arch, engine_name), seqs, _states(arch, seqs))
+    def compute():  # plain data across processes
+        return dict(vars(weight_sync.run(arch, _factory(arch, engine_name), seqs, _states(arch, seqs))))
 
-    return shared_cache.get(shared, f"sync/{arch.id}/{arch.seed}/{engine_name}", compute)
+    return weight_sync.SyncRun(**shared_cache.get(shared, f"sync/{arch.id}/{arch.seed}/{engine_name}", compute))
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ def _localize_vllm(arch, seqs, trainer) -> list[str]:
         reference = load_reference(type(arch.reference()), engine.folder, "",
                                    ignore=getattr(arch, "extra_disk_keys", ())).to(arch.device)
         ref_out = engines.module_outputs(reference, seqs[0], arch.device)
-        lines = engines.localize(vllm_out, ref_out, "vLLM")["lines"]
+        found = engines.localize(vllm_out, ref_out, "vLLM")
+        lines = found["lines"] + engines.explain(reference, vllm_out, seqs[0], found["first"], "vLLM", arch.device)
         tf = engines.parity_figures(trainer, engines.trainer_prompt_logprobs(reference, seqs, arch.device), seqs)
     finally:
         engine.close()
@@ -184,7 +189,8 @@ def test_engine_parity_vllm(arch, record, _shared):
     """vLLM (the shared worker process, on the exported checkpoint + tokenizer) against the trainer."""
     _skip_without_vllm(arch, record)
     run = _sync_run(arch, "vllm", _shared)
-    record(figures={"vllm_versions": run.versions, "engine_builds": len(run.engine_calls),
+    # the session's worker calls (engine builds) are recorded once per case, here
+    record(figures={"vllm_versions": run.versions, "engine_builds": len(run.engine_calls), "vllm_calls": run.engine_calls,
                     "sync_protocol_seconds": round(run.seconds, 2)})
     if run.error and "S0" not in run.logprobs:
         arch.fail("the vLLM engine failed", [run.error])
@@ -205,7 +211,8 @@ def _sync(arch, record, engine_name, shared) -> weight_sync.SyncRun:
     if engine_name == "vllm":
         _skip_without_vllm(arch, record)
     run = _sync_run(arch, engine_name, shared)
-    record(figures={"engine": run.engine}, thresholds=weight_sync.profile(arch.spec.tolerances).thresholds())
+    record(figures={"engine": run.engine, "rebuilds_on_load": run.rebuilds_on_load},
+           thresholds=weight_sync.profile(arch.spec.tolerances).thresholds())
     if run.error:
         arch.fail(f"engine {run.engine!r} crashed during the weight-sync protocol", [run.error])
     return run
@@ -216,6 +223,19 @@ def _compare(arch, record, run, got: str, want: str, what: str) -> tuple[float, 
     delta, where = weight_sync.difference(run.logprobs[got], run.logprobs[want])
     record(figures={f"max_abs_logprob_delta[{got} vs {want}]": delta})
     return delta, where, gate
+
+
+def _trainer_drift(arch, record, run, step: str, trainer: str) -> tuple[str | None, float]:
+    """Whether the engine, which matched the trainer on the first weights, stops matching it
+    after the update (None: it still matches, or never did); the parity gate."""
+    gate = _profile(arch).thresholds()["max_abs_logprob_delta"]
+    before, _ = weight_sync.difference(run.logprobs["S0"], run.logprobs["trainer S0"])
+    after, where = weight_sync.difference(run.logprobs[step], run.logprobs[trainer])
+    record(figures={"engine_vs_trainer_before_update": before, f"engine_vs_trainer[{step}]": after})
+    if before <= gate < after:
+        return (f"it matched the trainer before the update (max|delta logprob| {before:.3g}) but not after it "
+                f"({after:.3g} at {where}; gate {gate:.3g})"), gate
+    return None, gate
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)
@@ -236,33 +256,72 @@ def test_engine_sync_identity(arch, record, engine_name, _shared):
 @conformance(applies=_sync_applies)
 def test_engine_sync_complete(arch, record, engine_name, _shared):
     """After an update every parameter reached the engine: it serves what an engine built on the
-    new weights serves; a stale layer or kind of parameter is named."""
+    new weights serves (and, where it matched the trainer before, the trainer's logprobs on the
+    new weights); a stale layer or kind of parameter is named."""
     run = _sync(arch, record, engine_name, _shared)
     delta, where, gate = _compare(arch, record, run, "S1", "fresh S1", "complete")
-    if not delta <= gate:
+    drift, parity_gate = _trainer_drift(arch, record, run, "S1", "trainer S1")
+    if not delta <= gate or drift:
         seqs = run.seqs
         s0, s1, _ = _states(arch, seqs)
-        parity_gate = _profile(arch).thresholds()["max_abs_logprob_delta"]
         named = weight_sync.stale_parts(arch, seqs, s0, s1, run.logprobs["S1"], parity_gate)
         record(figures={"stale": named})
-        arch.fail(f"engine {run.engine!r}: after a weight update it does not serve the new weights", [
-            f"max|delta logprob| {delta:.3g} at {where} against an engine built on the new weights (gate: <= {gate:.3g})",
-            *named])
+        if not delta <= gate:
+            first = f"max|delta logprob| {delta:.3g} at {where} against an engine built on the new weights (gate: <= {gate:.3g})"
+        elif run.rebuilds_on_load:
+            first = f"{drift}; the engine is rebuilt from the export on every load: the export does not carry the new weights"
+        else:
+            first = f"{drift}, as is an engine built on the new weights: the export does not carry the new weights"
+        arch.fail(f"engine {run.engine!r}: after a weight update it does not serve the new weights", [first, *named])
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)
 @conformance(applies=_sync_applies)
 def test_engine_sync_composes(arch, record, engine_name, _shared):
-    """Two updates (S1, then S2) leave the engine where one update to S2 does."""
+    """Two updates (S1, then S2) leave the engine where one update to S2 does (and, where it
+    matched the trainer before, at the trainer's logprobs on S2)."""
     run = _sync(arch, record, engine_name, _shared)
     delta, where, gate = _compare(arch, record, run, "S1 -> S2", "S0 -> S2", "composes")
-    if not delta <= gate:
+    drift, parity_gate = _trainer_drift(arch, record, run, "S1 -> S2", "trainer S2")
+    if not delta <= gate or drift:
         seqs = run.seqs
         _, s1, s2 = _states(arch, seqs)
-        parity_gate = _profile(arch).thresholds()["max_abs_logprob_delta"]
         single, _ = weight_sync.difference(run.logprobs["S1"], run.logprobs["fresh S1"])
-        arch.fail(f"engine {run.engine!r}: two updates do not compose", [
-            f"after S1 then S2 its logprobs are {delta:.3g} (at {where}) from an engine given S2 in one update "
-            f"(gate: <= {gate:.3g}), while a single update lands ({single:.3g} from a fresh engine): the engine "
-            f"applies updates against a stale base (deltas from the weights it was built with, or a cached copy)",
-            *weight_sync.stale_parts(arch, seqs, s1, s2, run.logprobs["S1 -> S2"], parity_gate)])
+        first = (f"after S1 then S2 its logprobs are {delta:.3g} (at {where}) from an engine given S2 in one update "
+                 f"(gate: <= {gate:.3g}), while a single update lands ({single:.3g} from a fresh engine): the engine "
+                 f"applies updates against a stale base (deltas from the weights it was built with, or a cached copy)"
+                 if not delta <= gate else drift)
+        arch.fail(f"engine {run.engine!r}: two updates do not compose",
+                  [first, *weight_sync.stale_parts(arch, seqs, s1, s2, run.logprobs["S1 -> S2"], parity_gate)])
+
+
+# --------------------------------------------------------------------------------------------
+# RL with vLLM rollouts
+
+VLLM_STEPS = 2  # each step builds an engine on the updated checkpoint (in the shared worker)
+
+
+@conformance(applies=engines.vllm_applies)
+def test_rl_vllm(arch, record):
+    """The RL loop (moe_conformance.rl) with vLLM as the engine, on the arch's vLLM variant: KL and
+    loss finite, the engine/trainer mismatch on the sampled tokens under the rl gates at every step."""
+    import math
+
+    _skip_without_vllm(arch, record)
+    run = rl.run_rl(arch, rl.hooks_for(arch.spec), rl.RLConfig(steps=VLLM_STEPS), engine_factory=engines.VLLMEngine)
+    gates = {k: v for k, v in tolerances.profile("rl", "float32", arch.spec.tolerances).thresholds().items()
+             if k in ("mismatch_kl", "mismatch_max")}
+    log, r = run.log, rl.rounded
+    record(figures={"engine": "vllm", "steps": len(log.loss), "kl": r(log.kl), "loss": r(log.loss),
+                    "mismatch_kl": r(log.mismatch_kl), "mismatch_max": r(log.mismatch_max),
+                    "mismatch_max_worst": max(log.mismatch_max) if log.mismatch_max else math.nan,
+                    "engine_starts": len(run.engine_seconds), "vllm_calls": run.engine_seconds,
+                    "curves": rl.mismatch_curves(arch.id, run)}, thresholds=gates)
+    if log.error:
+        arch.fail("the RL run crashed (engine 'vllm')", [log.error])
+    problems = rl.mismatch_problems(run, list(range(len(log.mismatch_max))), gates)
+    bad = [s for s, v in enumerate(log.kl + log.loss) if not math.isfinite(v)]
+    if bad:
+        problems.append(f"KL or loss not finite: kl {log.kl}, loss {log.loss}")
+    if problems:
+        arch.fail("vLLM and trainer disagree during RL", problems + rl.diagnose(run, list(range(len(log.kl))), gates))

