@@ -73,3 +73,20 @@ def run_planted_bug(pytester, module: str, bug: str, suite: str, variant: str, c
         for fragment in fragments:
             assert fragment in c["message"], f"{bug}: {name} message lacks {fragment!r}:\n{c['message']}"
     return hits
+
+
+def missing_proof(proof: str) -> str | None:
+    """Why ``tests/file.py::test_name[case]`` names no test of this repo, or None when it does: the
+    file defines the function, and each part of the case is a case of it (in the file or in a
+    planted-bug module it imports)."""
+    repo = Path(__file__).resolve().parent.parent
+    path, _, test = proof.partition("::")
+    function, _, param = test.partition("[")
+    source = (repo / path).read_text() if (repo / path).exists() else ""
+    cases = source + "".join(p.read_text() for p in (repo / "tests").glob("planted*.py")
+                             if f"from {p.stem} import" in source or f"import {p.stem}" in source)
+    if f"def {function}(" not in source:
+        return f"{proof} does not exist"
+    if param and not all(repr(p) in cases or f'"{p}"' in cases for p in param.rstrip("]").split("-")):
+        return f"{proof}: no case {param.rstrip(']')!r} in {path}"
+    return None

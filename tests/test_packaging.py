@@ -48,3 +48,11 @@ def test_wheel_contents_and_installed_run(tmp_path):
     assert where == str(site / "moe_conformance" / "_suites"), where
     report = json.loads((elsewhere / "reports" / "kimi_k25.partial.json").read_text())
     assert {c["status"] for c in report["checks"]} == {"passed"} and len(report["checks"]) == 7
+
+
+def test_no_test_file_shares_a_basename_with_a_suite():
+    """The project's tests run the suites in-process (pytester): a tests/ file named like a suite
+    makes pytest refuse to import the suite ("import file mismatch") once the test is imported."""
+    root = Path(__file__).resolve().parent.parent
+    clash = {p.name for p in (root / "tests").rglob("test_*.py")} & {p.name for p in (root / "suites").glob("test_*.py")}
+    assert not clash, f"rename these tests/ files: {sorted(clash)}"
