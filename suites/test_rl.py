@@ -65,12 +65,17 @@ def test_rl_kl(arch, record):
     run = _run(arch)
     _complete(arch, run)
     log = run.log
-    gate = _profile(arch).thresholds()["kl_after_update"]
+    gates = _profile(arch).thresholds()
+    gate, gate0 = gates["kl_after_update"], gates["kl_step0"]
     after = log.kl[1:]
     record(figures={"kl_estimator": run.estimator.name, "kl_step0": log.kl[0], "kl_after_update_min": min(after),
                     "kl_final": log.kl[-1], "steps": len(log.kl), "curves": _curves(arch, run, "GRPO on reverse text")},
-           thresholds={"kl_after_update": gate})
+           thresholds={"kl_after_update": gate, "kl_step0": gate0})
     problems = []
+    if math.isfinite(log.kl[0]) and abs(log.kl[0]) > gate0:
+        problems.append(f"KL is not zero at step 0 ({log.kl[0]:.3g}, gate {gate0:.3g}): policy and reference hold the "
+                        f"same weights there, so the KL term compares misaligned logprobs (shifted tokens, another "
+                        f"sequence) or a reference that is not the warm start")
     bad = [s for s, v in enumerate(log.kl) if not math.isfinite(v)]
     if bad:
         problems.append(f"KL is not finite at step(s) {bad[:5]}: {[log.kl[s] for s in bad[:5]]} (a distribution "

@@ -67,6 +67,12 @@ def _kl_always_zero(logp, ref_logp):
     return (logp - ref_logp) * 0.0  # the bug: a KL term wired to nothing (named k3, computes 0)
 
 
+def _kl_reference_shifted(logp, ref_logp):
+    # the bug: the reference logprobs misaligned by one token (scored at the next position)
+    log_ratio = ref_logp.roll(1, dims=-1) - logp
+    return log_ratio.exp() - log_ratio - 1
+
+
 def _reward_ignores_answer(text, answer):
     return rl.reverse_reward(text, text[::-1])  # the bug: scores the reference answer, not the model's
 
@@ -77,6 +83,7 @@ BUGS = {
     "stale_engine_weights": ("qwen3_moe", rl.RLHooks(engine=StaleWeights)),
     "kl_wrong_sign": ("kimi_k25", rl.RLHooks(kl_estimator=rl.KLEstimator("k3", _k3_log_ratio_flipped))),
     "kl_zero": ("kimi_k25", rl.RLHooks(kl_estimator=rl.KLEstimator("k3", _kl_always_zero))),
+    "kl_reference_shifted": ("qwen3_moe", rl.RLHooks(kl_estimator=rl.KLEstimator("k3", _kl_reference_shifted))),
     "reward_ignores_answer": ("mixtral", rl.RLHooks(reward=_reward_ignores_answer)),
     "routing_differs": ("kimi_k25", rl.RLHooks(engine=BiasInBf16)),
 }
