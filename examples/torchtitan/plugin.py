@@ -51,6 +51,14 @@ def _discrepancy(reason: str, variants=()) -> tuple[ExpectedFailure, ...]:
             *(ExpectedFailure(check, reason, variants=variants, strict=False) for check in KNOCK_ON))
 
 
+# as-is and fixed alike: torchtitan has no MTP module to hold them (build.to_candidate leaves them out)
+MTP = ("torchtitan 0.3.0's DeepSeek-V3 has no multi-token-prediction layers: its state-dict adapter raises KeyError "
+       "on the release's MTP keys (model.layers.{N}.*, N >= n_layers), and what it exports has none (BUGS.md #43)")
+MTP_DROPPED = tuple(ExpectedFailure(check, MTP) for check in (
+    "test_hf_to_candidate_to_hf_bit_exact", "test_bf16_checkpoint_keeps_dtypes", "test_lora_merge_changes_exactly_the_targets",
+    "test_dry_run_parameters", "test_dry_run_roundtrip"))
+LOSSY = {"deepseek_v3": MTP_DROPPED, "qwen3_moe": ()}
+
 DISCREPANCIES = {
     "deepseek_v3": (_discrepancy(f"{EPS}; {BF16_EXPERTS}", variants=("faithful",))
                     + _discrepancy(f"{EPS}; {BF16_EXPERTS}; {YARN}", variants=("yarn_mscale",))),
@@ -65,7 +73,7 @@ def candidate(arch: str, fixed: bool):
         name=f"torchtitan_{'fixed_' if fixed else ''}{arch}", candidate=partial(build.build, fixes=build.FIXES if fixed else GLUE),
         converter=CONVERTER, probes=probes.probes(arch), cast=build.cast, kernels=(),
         decoding=None,  # torchtitan 0.3.0's decoder has no KV cache: engines run full forwards
-        expected_failures=spec.expected_failures + (() if fixed else DISCREPANCIES[arch]))
+        expected_failures=spec.expected_failures + LOSSY[arch] + (() if fixed else DISCREPANCIES[arch]))
 
 
 ARCHS = [candidate(arch, fixed) for fixed in (False, True) for arch in ("deepseek_v3", "qwen3_moe")]
