@@ -30,6 +30,8 @@ run() {  # run NAME ARGS...: one pytest session, its reports under $OUT/NAME
         --report-dir "$OUT/$name" -n "$WORKERS" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "$name: rc $rc, $(( $(date +%s) - start )) s: $(tail -1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt"
+    # packed per session, so a run cut short by a time limit still brings back what finished
+    tar -C "$OUT" -czf "$OUT/$name.tgz" "$name" 2>/dev/null && rm -rf "${OUT:?}/$name"
 }
 SESSIONS=${SESSIONS:-fp32 bf16 kernels}
 for session in $SESSIONS; do
@@ -39,5 +41,3 @@ for session in $SESSIONS; do
         kernels) run kernels --family kernels --kernels triton,torch ;;
     esac
 done
-tar -C "$OUT" -czf "$OUT/reports.tgz" $SESSIONS 2>/dev/null
-for session in $SESSIONS; do rm -rf "${OUT:?}/$session"; done

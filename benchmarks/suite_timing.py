@@ -92,9 +92,9 @@ def main() -> None:
 
 
 def vllm_calls(report: dict) -> list[dict]:
-    """The vLLM worker calls the report's checks recorded (``vllm_calls`` figures: import, engine
+    """The vLLM worker calls the report's checks recorded (``vllm_call_seconds`` figures: import, engine
     build and request seconds, wall), each once."""
-    return [c for check in report["checks"] for c in (check.get("figures") or {}).get("vllm_calls") or []]
+    return [c for check in report["checks"] for c in (check.get("figures") or {}).get("vllm_call_seconds") or []]
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_engine_parity_vllm(arch, record, _shared):
     _skip_without_vllm(arch, record)
     run = _sync_run(arch, "vllm", _shared)
     # the session's worker calls (engine builds) are recorded once per case, here
-    record(figures={"vllm_versions": run.versions, "engine_builds": len(run.engine_calls), "vllm_calls": run.engine_calls,
+    record(figures={"vllm_versions": run.versions, "engine_builds": len(run.engine_calls), "vllm_call_seconds": run.engine_calls,
                     "sync_protocol_seconds": round(run.seconds, 2)})
     if run.error and "S0" not in run.logprobs:
         arch.fail("the vLLM engine failed", [run.error])
@@ -315,7 +315,7 @@ def test_rl_vllm(arch, record):
     record(figures={"engine": "vllm", "steps": len(log.loss), "kl": r(log.kl), "loss": r(log.loss),
                     "mismatch_kl": r(log.mismatch_kl), "mismatch_max": r(log.mismatch_max),
                     "mismatch_max_worst": max(log.mismatch_max) if log.mismatch_max else math.nan,
-                    "engine_starts": len(run.engine_seconds), "vllm_calls": run.engine_seconds,
+                    "engine_starts": len(run.engine_seconds), "vllm_call_seconds": run.engine_seconds,
                     "curves": rl.mismatch_curves(arch.id, run)}, thresholds=gates)
     if log.error:
         arch.fail("the RL run crashed (engine 'vllm')", [log.error])
