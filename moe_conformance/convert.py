@@ -14,10 +14,12 @@ keys for most archs) to the candidate's state dict and back. It is declared as a
 - ``Concat(hfs, cand, dim=0)``: several tensors concatenated (a fused qkv projection);
 - ``Transform(hf, cands, split, join)``: one on-disk tensor that is several candidate tensors
   (gpt-oss's fused, transposed, interleaved ``gate_up_proj``);
-- ``Tied(hf, cand, source, tied)``: a tensor that the config may tie to another (the LM head to
-  the embeddings): untied, a ``Rename``; tied, it has no on-disk key (``save_pretrained`` writes
-  the embedding once), ``to_candidate`` fills it from ``source`` and ``to_hf`` drops it after
-  checking it still equals ``source``; a tied config whose checkpoint holds the key is an error.
+- ``Tied(hf, cand, source, tied, in_state)``: a tensor that the config may tie to another (the LM
+  head to the embeddings): untied, a ``Rename``; tied, it has no on-disk key (``save_pretrained``
+  writes the embedding once), and ``to_hf`` drops it after checking it still equals ``source``
+  (wherever a state holds it); ``to_candidate`` fills it from ``source`` when the candidate's
+  state dict holds the alias (``in_state``), else leaves it to the candidate's own tie. A tied
+  config whose checkpoint holds the key is an error.
 
 Every key must be claimed by a rule, in both directions: an unexpected key is an error that
 names it, never silently dropped. Expert numbering is validated (transformers' own loader does
@@ -189,6 +191,7 @@ class Tied:
     cand: str  # the candidate tensor (output.weight)
     source: str  # the candidate tensor it is tied to (tok_embeddings.weight)
     tied: object = tie_word_embeddings  # config -> bool | None (None: no config given)
+    in_state: bool = True  # whether the candidate's state_dict() names the tied alias too
 
     @property
     def hfs(self):
@@ -286,7 +289,7 @@ class KeyMapConverter:
             out.update(zip(cand_keys, rule.to_cand(ordered)))
         for rule in tied_rules:
             present = any(self.rules[i] is rule for i, _ in groups)
-            if rule.tied(config) or (rule.tied(config) is None and not present):
+            if rule.in_state and (rule.tied(config) or (rule.tied(config) is None and not present)):
                 if rule.source not in out:
                     raise ConversionError(f"{rule.cand} is tied to {rule.source}, which the checkpoint does not give")
                 out[rule.cand] = out[rule.source].clone()

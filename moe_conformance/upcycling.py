@@ -70,9 +70,9 @@ def upcycle(dense: dict[str, torch.Tensor], moe_config: Any, template: dict[str,
                 "shared_expert" in key and "down_proj" in key):
             out[key] = torch.zeros_like(like)
         elif "shared_expert" in key:
-            out[key] = (torch.randn(like.shape, generator=gen) * like.shape[-1] ** -0.5).to(like.dtype)
+            out[key] = (torch.randn(like.shape, generator=gen) * like.shape[-1] ** -0.5).to(like)
         elif re.search(r"\.(gate|router)\.weight$", key):
-            out[key] = (torch.randn(like.shape, generator=gen) * ROUTER_STD).to(like.dtype)
+            out[key] = (torch.randn(like.shape, generator=gen) * ROUTER_STD).to(like)
         else:
             raise KeyError(f"upcycle: no dense source for the MoE checkpoint key {key}")
     config = with_fields(moe_config, **{name: value for name, value in (("routed_scaling_factor", 1.0),

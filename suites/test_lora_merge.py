@@ -52,7 +52,8 @@ def _prepared(arch) -> dict:
         with torch.no_grad():
             unmerged = {name: run_candidate(model, batch) for name, batch in arch.batches.items()}
         merged_model = hooks.merge(model)
-        merged = arch.to_hf({k: v.detach().clone() for k, v in merged_model.state_dict().items()})
+        # on the CPU, like the on-disk state it is compared with (the model may be on a GPU)
+        merged = arch.to_hf({k: v.detach().cpu().clone() for k, v in merged_model.state_dict().items()})
         _CACHE[arch] = {"hooks": hooks, "targets": targets, "keys": keys, "adapters": adapters, "deltas": deltas,
                         "unmerged": unmerged, "merged": merged, "base": base}
     return _CACHE[arch]
@@ -94,10 +95,10 @@ def _merge_faults(arch) -> list[str]:
     base, merged, problems = arch.disk_state, prep["merged"], []
     expected = dict(base)
     with torch.no_grad():
-        want_state = {k: v.detach().clone() for k, v in prep["base"].state_dict().items()}
+        want_state = {k: v.detach().cpu().clone() for k, v in prep["base"].state_dict().items()}
         for t, delta in prep["deltas"].items():
             view = want_state[t.tensor] if t.expert is None else want_state[t.tensor][t.expert]
-            view.add_(delta.to(view.dtype))
+            view.add_(delta.to(view))
     expected = arch.to_hf(want_state)
     targeted = {k: t for t, keys in prep["keys"].items() for k in keys}
     for key in sorted(set(base) & set(merged)):

@@ -120,6 +120,15 @@ def _misread_references(arch, tmp_path):
     }
 
 
+def _reference_call(arch):
+    """How to call the reference's experts: transformers' (hidden, indices, weights), unless the
+    plugin declares reference probes (Llama 4's experts take the routed, scaled input)."""
+    from moe_conformance.probing import probes_of
+
+    probe = probes_of(arch, "ref").experts
+    return probe.call if probe is not None else None
+
+
 @conformance(requires=("forward", "converter", "state", "deterministic", "experts"), applies=needs_experts_pair, dtypes=ANY_DTYPE)
 def test_expert_functions_match_file(arch, record, tmp_path):
     """Each candidate expert computes the file's expert of the same index: a permutation or a
@@ -129,11 +138,12 @@ def test_expert_functions_match_file(arch, record, tmp_path):
     ref_mods, cand_mods = dict(ref.named_modules()), dict(cand.named_modules())
     pairs = [p for p in pairs if p.ref in ref_mods and p.cand in cand_mods]
     call = arch.spec.probes.experts.call
+    ref_call = _reference_call(arch)
     E = arch.num_experts
     x = torch.randn(7, arch.model_config.hidden_size, generator=torch.Generator().manual_seed(arch.case_seed)).to(arch.device)
     problems, worst, misread = [], 0.0, None
     for pair in pairs:
-        want = expert_outputs(ref_mods[pair.ref], x, E).double()
+        want = expert_outputs(ref_mods[pair.ref], x, E, ref_call).double()
         got = expert_outputs(cand_mods[pair.cand], x, E, call).double()
         scale = want.abs().max()
         for e in range(E):
@@ -147,7 +157,7 @@ def test_expert_functions_match_file(arch, record, tmp_path):
                 continue
             misread = _misread_references(arch, tmp_path) if misread is None else misread
             fault = next((fault for fault, model in misread.items()
-                          if (got[e] - expert_outputs(dict(model.named_modules())[pair.ref], x, E).double()[e]).abs().max()
+                          if (got[e] - expert_outputs(dict(model.named_modules())[pair.ref], x, E, ref_call).double()[e]).abs().max()
                           <= EXPERT_MATCH_RELATIVE * scale), None)
             problems.append(f"{pair.cand} expert {e}: {fault}" if fault else
                             f"{pair.cand} expert {e} matches no expert of the file (relative max|delta| {float(delta[e]):.3g})")

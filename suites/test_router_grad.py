@@ -111,6 +111,11 @@ def test_router_weights_get_gradient(arch, record):
 
 
 def forcing_if_forced(case, params) -> str | None:
+    from moe_conformance.probing import routing_layers
+
+    if not any(layer.experts for layer in routing_layers(case, "cand")):
+        return ("no module pair with role 'experts' is declared: which parameters are an expert's is unknown "
+                "(declare ModulePair(ref_experts, cand_experts, role='experts'))")
     return needs_forcing(case) if params.get("routing") == "forced" else None
 
 

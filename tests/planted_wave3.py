@@ -178,7 +178,7 @@ def _mtp_experts_grouped(conv):
 def _tied_head_exported_twice(conv):
     def to_hf(sd, cfg):
         out = conv.to_hf(sd, cfg)
-        out[conv.disk_prefix + "lm_head.weight"] = sd["output.weight"].clone()
+        out[conv.disk_prefix + "lm_head.weight"] = sd["tok_embeddings.weight"].clone()
         return out
 
     return ConfigConverter(conv, to_hf=to_hf)

@@ -22,7 +22,7 @@ def glm():
     ({"description": " "}, "field 'description' must be a non-empty string"),
     ({"reference": 3}, "field 'reference' must be callable"),
     ({"converter": object()}, "field 'converter' must have a callable to_candidate"),
-    ({"capabilities": Capabilities(router_scoring="relu")}, "router_scoring must be one of ('sigmoid', 'softmax', 'softmax_topk')"),
+    ({"capabilities": Capabilities(router_scoring="relu")}, "router_scoring must be one of ('sigmoid', 'softmax', 'softmax_topk', 'sigmoid_topk')"),
     ({"variants": ()}, "field 'variants' must be a non-empty tuple"),
     ({"variants": (Variant("stress", dict),)}, "must include a 'faithful' variant"),
     ({"variants": (Variant("faithful", dict, frozenset({"telepathy"})),)}, "claims unknown features ['telepathy']"),

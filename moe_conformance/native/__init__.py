@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from moe_conformance.contract import Decoding, Probes
+import torch
+
+from moe_conformance.contract import Decoding, ExpertsProbe, Probes
 
 from .config import MoEConfig, YarnParams, from_hf
 from .converter import native_converter, native_pairs
@@ -41,7 +43,14 @@ def native_candidate(*, attention: str, router_scoring: str, sub_config: str | N
     return build
 
 
-_LAYOUT = ("moe", "router", "experts", "correction_bias_at", "shared", "shared_gate", "disk_prefix", "qk_norm_names")
+def call_each_weighted(experts, x, indices, weights):
+    """The weighted sum of each chosen expert run at weight 1 (experts that scale their input)."""
+    return sum(weights[:, k:k + 1].to(x.dtype) * experts(x, indices[:, k:k + 1], torch.ones_like(weights[:, k:k + 1]))
+               for k in range(indices.shape[-1]))
+
+
+_LAYOUT = ("moe", "router", "experts", "correction_bias_at", "shared", "shared_gate", "disk_prefix", "qk_norm_names",
+           "dense", "experts_pair")
 
 
 def native(*, attention: str, router_scoring: str, sub_config: str | None = None, **options: Any) -> dict[str, Any]:
@@ -51,14 +60,22 @@ def native(*, attention: str, router_scoring: str, sub_config: str | None = None
     overrides of the model (e.g. norm_topk_prob=True; ``mtp=True``: hold the config's MTP layers)."""
     layout = {k: v for k, v in options.items() if k in _LAYOUT}
     overrides = {k: v for k, v in options.items() if k not in _LAYOUT}
-    pair_options = {k: layout[k] for k in ("router", "shared", "qk_norm_names") if k in layout}
+    pair_options = {k: layout[k] for k in ("router", "shared", "qk_norm_names", "experts_pair") if k in layout}
+    if layout.get("moe") == layout.get("dense") == "feed_forward":  # Llama 4: the block is feed_forward in memory too
+        pair_options["block"] = "feed_forward"
+    no_experts_pair = layout.pop("experts_pair", True) is False
+    experts_probe = {"experts": None} if no_experts_pair else {}
+    if overrides.get("experts_scale_input"):
+        # the weight scales the expert's input: probed one chosen expert at a time (weight 1),
+        # weighted after, as the suites compare experts; no expert-parallel path for it
+        experts_probe = {"experts": ExpertsProbe(call=call_each_weighted)}
     return dict(
         candidate=native_candidate(attention=attention, router_scoring=router_scoring, sub_config=sub_config,
                                    **overrides),
         converter=native_converter(attention, **layout),
-        probes=Probes(pairs=tuple(native_pairs(attention, **pair_options))),
+        probes=Probes(pairs=tuple(native_pairs(attention, **pair_options)), **experts_probe),
         decoding=DECODING,
-        expert_parallel=EXPERT_PARALLEL,
+        expert_parallel=None if overrides.get("experts_scale_input") else EXPERT_PARALLEL,
     )
 
 

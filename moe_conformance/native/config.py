@@ -42,6 +42,14 @@ class MoEConfig:
     o_bias: bool = False  # output projection (gpt-oss)
     qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3, GLM); "full": over all heads (OLMoE, MiniMax-M2)
     qk_norm_after_rope: bool = False  # HunYuan: the per-head norm runs on the rotated q and k
+    # Llama 4: per layer, whether it rotates (NoPE layers do not: False), and the chunk its
+    # attention stays in (None: none); NoPE layers scale q by log1p(floor((i + 1) / floor)) *
+    # scale + 1 at position index i (``attn_temperature`` = (floor, scale)); qk_norm "l2" is a
+    # weightless RMS norm of the rotated q and k
+    rope_layers: tuple[bool, ...] = ()
+    chunks: tuple[int | None, ...] = ()
+    attn_temperature: tuple[float, float] | None = None
+    llama3_rope: tuple[float, float, float, int] | None = None  # factor, low/high freq factor, original length
     sinks: bool = False  # a learned per-head logit that absorbs attention mass (gpt-oss)
     windows: tuple[int | None, ...] = ()  # per layer: sliding window length, or None for full attention
     # MLA
@@ -57,8 +65,10 @@ class MoEConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     # "sigmoid" (DeepSeek), "softmax" (softmax over all experts, then top-k: Mixtral, Qwen),
-    # "softmax_topk" (top-k of the logits, softmax over those k: gpt-oss)
+    # "softmax_topk" (top-k of the logits, softmax over those k: gpt-oss), "sigmoid_topk" (top-k
+    # of the logits, each weight its sigmoid: Llama 4)
     router_scoring: str = "sigmoid"
+    experts_scale_input: bool = False  # Llama 4: the routing weight scales the expert's input, not its output
     router_bias: bool = False
     correction_bias: bool = False
     n_group: int = 1
@@ -148,6 +158,9 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, mtp: bool = False, 
         start, end = hf.moe_layer_start_index, hf.moe_layer_end_index
         end = layers - 1 if end is None or end < 0 else end
         dense |= {i for i in range(layers) if not ((i + 1) % hf.moe_layer_interval == 0 and start <= i <= end)}
+    moe_layers = getattr(hf, "moe_layers", None)  # Llama 4: the MoE layers, listed
+    if moe_layers is not None:
+        dense |= {i for i in range(layers) if i not in set(moe_layers)}
     mlp_types = getattr(hf, "mlp_layer_types", None)  # GLM-4.7-Flash: "dense" / "sparse" per layer
     if mlp_types:
         dense |= {i for i, t in enumerate(mlp_types) if t == "dense"}
@@ -173,7 +186,7 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, mtp: bool = False, 
         qk_nope_head_dim=getattr(hf, "qk_nope_head_dim", 0) or 0,
         qk_rope_head_dim=getattr(hf, "qk_rope_head_dim", 0) or 0,
         v_head_dim=getattr(hf, "v_head_dim", 0) or 0,
-        intermediate_size=hf.intermediate_size,
+        intermediate_size=_first(hf, "intermediate_size_mlp", "intermediate_size"),  # Llama 4: the dense MLP's
         dense_layers=frozenset(dense),
         num_experts=experts,
         top_k=hf.num_experts_per_tok,
@@ -192,4 +205,13 @@ def from_hf(hf: Any, *, attention: str, router_scoring: str, mtp: bool = False, 
     )
     if attention == "mla":
         cfg = cfg.with_(rotary_dim=cfg.qk_rope_head_dim)
+    if getattr(hf, "no_rope_layers", None):  # Llama 4 (1: the layer rotates)
+        chunk = getattr(hf, "attention_chunk_size", None)
+        kinds = getattr(hf, "layer_types", None) or ["full_attention"] * layers
+        cfg = cfg.with_(rope_layers=tuple(bool(r) for r in hf.no_rope_layers),
+                        chunks=tuple(chunk if t == "chunked_attention" else None for t in kinds),
+                        attn_temperature=(float(hf.floor_scale), float(hf.attn_scale)) if hf.attn_temperature_tuning else None)
+    if rope.get("rope_type") == "llama3":
+        cfg = cfg.with_(llama3_rope=(rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                                     rope["original_max_position_embeddings"]))
     return cfg.with_(**overrides)

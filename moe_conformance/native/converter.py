@@ -51,6 +51,21 @@ def _interleaved_join(gate, up):
     return torch.stack((gate, up), dim=2).flatten(1, 2).transpose(-1, -2).contiguous()
 
 
+def _halves_split(t):  # [E, H, 2I] (gate columns, then up) -> gate, up as [E, I, H]
+    t = t.transpose(-1, -2)
+    half = t.shape[1] // 2
+    return t[:, :half].contiguous(), t[:, half:].contiguous()
+
+
+def _halves_join(gate, up):
+    return torch.cat((gate, up), dim=1).transpose(-1, -2).contiguous()
+
+
+def swap_halves(state):  # gate/up exchanged in a [.., H, 2I] fused tensor of halves
+    return {k: (v.unflatten(-1, (2, -1)).flip(-2).flatten(-2).contiguous() if k.endswith("experts.gate_up_proj") else v)
+            for k, v in state.items()}
+
+
 def _interleaved_bias_split(t):  # [E, 2I] -> [E, I], [E, I]
     return t[:, 0::2].contiguous(), t[:, 1::2].contiguous()
 
@@ -70,6 +85,7 @@ def native_converter(
     shared_gate: str | None = None,
     disk_prefix: str = "",
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm"),
+    dense: str = "mlp",
 ) -> KeyMapConverter:
     L, C = "model.layers.{i}", "layers.{i}"
     M = f"{L}.{moe}"
@@ -84,7 +100,7 @@ def native_converter(
         Rename("model.embed_tokens.weight", "tok_embeddings.weight"),
         Rename("model.norm.weight", "norm.weight"),
         # no lm_head on disk when the config ties it to the embeddings
-        Tied("lm_head.weight", "output.weight", source="tok_embeddings.weight"),
+        Tied("lm_head.weight", "output.weight", source="tok_embeddings.weight", in_state=False),
         Rename(f"{L}.input_layernorm.weight", f"{C}.attention_norm.weight"),
         Rename(f"{L}.post_attention_layernorm.weight", f"{C}.ffn_norm.weight"),
         Rename(f"{L}.self_attn.sinks", f"{C}.attention.sinks"),
@@ -117,15 +133,24 @@ def native_converter(
             Rename(f"{E}.down_proj_bias", f"{C}.moe.experts.b2"),
         ]
         misreadings = {GATE_UP_SWAPPED: swap_interleaved, INTERLEAVE_READ_AS_HALVES: concatenated_misread}
+    elif experts == "fused_halves":  # Llama 4: gate_up_proj [E, H, 2I] (gate columns, then up), down [E, I, H]
+        E = f"{M}.experts"
+        rules += [
+            Transform(f"{E}.gate_up_proj", (f"{C}.moe.experts.w1", f"{C}.moe.experts.w3"), _halves_split, _halves_join),
+            Transform(f"{E}.down_proj", (f"{C}.moe.experts.w2",), lambda t: (t.transpose(-1, -2).contiguous(),),
+                      lambda w2: w2.transpose(-1, -2).contiguous()),
+        ]
+        misreadings = {GATE_UP_SWAPPED: swap_halves}
     else:
         rules += [StackExperts(f"{M}.experts.{{e}}.{hf}.weight", f"{C}.moe.experts.{cand}") for hf, cand in zip(experts, _CAND_PROJ)]
         misreadings = {GATE_UP_SWAPPED: swap_expert_names(experts[0], experts[1])}
-    rules += [Rename(f"{L}.mlp.{hf}.weight", f"{C}.feed_forward.{cand}.weight") for hf, cand in zip(SWIGLU_NAMES, _CAND_PROJ)]
+    rules += [Rename(f"{L}.{dense}.{hf}.weight", f"{C}.feed_forward.{cand}.weight") for hf, cand in zip(SWIGLU_NAMES, _CAND_PROJ)]
     return KeyMapConverter(rules, disk_prefix=disk_prefix, misreadings=misreadings)
 
 
 def native_pairs(attention: str = "gqa", *, router: str = "gate", shared: str = "shared_experts",
-                 qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")) -> list[ModulePair]:
+                 qk_norm_names: tuple[str, str] = ("q_norm", "k_norm"), block: str = "mlp",
+                 experts_pair: bool = True) -> list[ModulePair]:
     """(reference, native) submodule pairs, in transformers' in-memory names (the MoE block is
     always ``mlp`` there, whatever the on-disk name; the router module is ``gate``/``router``,
     whatever weight inside it the checkpoint names)."""
@@ -142,11 +167,12 @@ def native_pairs(attention: str = "gqa", *, router: str = "gate", shared: str = 
         *[ModulePair(f"{L}.self_attn.{hf}", f"{C}.attention.{cand}") for hf, cand in names.items()],
         ModulePair(f"{L}.self_attn", f"{C}.attention"),
         ModulePair(f"{L}.post_attention_layernorm", f"{C}.ffn_norm"),
-        ModulePair(f"{L}.mlp.{R}", f"{C}.moe.router", role="router"),
-        ModulePair(f"{L}.mlp.experts", f"{C}.moe.experts", role="experts"),
-        ModulePair(f"{L}.mlp.{memory_shared}", f"{C}.moe.shared_experts"),
-        ModulePair(f"{L}.mlp", f"{C}.moe"),
-        ModulePair(f"{L}.mlp", f"{C}.feed_forward"),
+        ModulePair(f"{L}.{block}.{R}", f"{C}.moe.router", role="router"),
+        # (Llama 4's experts take the routed, sorted input, not (x, indices, weights): no pair)
+        *([ModulePair(f"{L}.{block}.experts", f"{C}.moe.experts", role="experts")] if experts_pair else []),
+        ModulePair(f"{L}.{block}.{memory_shared}", f"{C}.moe.shared_experts"),
+        ModulePair(f"{L}.{block}", f"{C}.moe"),
+        ModulePair(f"{L}.{block}", f"{C}.feed_forward"),
         ModulePair(L, C),
         ModulePair("model.norm", "norm"),
         ModulePair("lm_head", "output"),

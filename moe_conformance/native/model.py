@@ -76,6 +76,13 @@ def rope_inv_freq(cfg: MoEConfig) -> tuple[torch.Tensor, float]:
     dim = cfg.rotary_dim
     pos_freqs = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     inv_freq = 1.0 / pos_freqs
+    if cfg.llama3_rope is not None:  # Llama 3/4: low frequencies divided by factor, a smooth band between
+        factor, low, high, original = cfg.llama3_rope
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        inv_freq = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     yarn = cfg.yarn
     if yarn is None:
         return inv_freq, 1.0
@@ -126,9 +133,25 @@ class Rotary(nn.Module):
         return torch.cat((rotated, rest), dim=-1)
 
 
+def sequence_index(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seq_len: int, past: int = 0) -> torch.Tensor:
+    """[B, past + S]: each token's index counted from where its sequence starts: the first real
+    token of a padded row, the first token of a packed document (positions restart there, no
+    padding mask and nothing cached), else the row's start."""
+    device = position_ids.device
+    keys = torch.arange(past + seq_len, device=device)
+    if attention_mask is not None:
+        start = (attention_mask.cumsum(-1) == 0).sum(-1)[:, None]
+    elif not past:
+        restart = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1
+        start = torch.where(restart, keys[None], torch.zeros_like(keys)[None]).cummax(-1).values
+    else:
+        start = torch.zeros(position_ids.shape[0], 1, dtype=torch.long, device=device)
+    return keys[None] - start
+
+
 def attention_bias(
     attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seq_len: int, window: int | None = None,
-    past: int = 0,
+    past: int = 0, chunk: int | None = None,
 ) -> torch.Tensor:
     """Additive [B, 1, S, past + S] fp32 mask: causal (within ``window`` keys when given), padded
     keys removed (``attention_mask`` covers past and new tokens), and, when no padding mask is
@@ -139,6 +162,9 @@ def attention_bias(
     distance = q[:, None] - torch.arange(past + seq_len, device=device)[None, :]
     causal = (distance >= 0) & (distance < window) if window else distance >= 0
     allowed = causal[None].expand(position_ids.shape[0], -1, -1)
+    if chunk:  # Llama 4: queries see keys of their own chunk, counted from where their sequence starts
+        chunk_of = sequence_index(attention_mask, position_ids, seq_len, past) // chunk  # [B, past + S]
+        allowed = allowed & (chunk_of[:, past:, None] == chunk_of[:, None, :])
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, :].bool()
     elif not past:
@@ -164,10 +190,16 @@ def attend(q, k, v, bias, scale: float, sinks: torch.Tensor | None = None) -> to
     return torch.matmul(probs.to(q.dtype), v).transpose(1, 2).flatten(2)
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's weightless qk norm (an RMS norm without a gain)."""
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class GQAttention(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.rotates = cfg.rope_layers[layer] if layer < len(cfg.rope_layers) else True
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.softmax_scale = cfg.softmax_scale
         self.wq = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
@@ -181,7 +213,8 @@ class GQAttention(nn.Module):
         if cfg.sinks:
             self.sinks = nn.Parameter(torch.zeros(h))
 
-    def forward(self, x, rotary: Rotary, cos, sin, bias, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rotary: Rotary, cos, sin, bias, cache: KVCache | None = None, layer: int = 0,
+                temperature: torch.Tensor | None = None):
         B, S, _ = x.shape
         d = self.cfg.head_dim
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -191,7 +224,12 @@ class GQAttention(nn.Module):
         if self.cfg.qk_norm == "head" and not self.cfg.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        if self.rotates:
+            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+            if self.cfg.qk_norm == "l2":
+                q, k = l2_norm(q, self.cfg.norm_eps), l2_norm(k, self.cfg.norm_eps)
+        elif temperature is not None:  # Llama 4's NoPE layers: a longer context sharpens attention
+            q = (q * temperature[:, None, :, None]).to(q.dtype)
         if self.cfg.qk_norm == "head" and self.cfg.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
@@ -279,6 +317,9 @@ class Router(nn.Module):
         if cfg.router_scoring == "softmax_topk":
             top = logits.topk(cfg.top_k, dim=-1)
             return logits, top.values.softmax(-1), top.indices
+        if cfg.router_scoring == "sigmoid_topk":
+            top = logits.topk(cfg.top_k, dim=-1)
+            return logits, top.values.sigmoid(), top.indices
         scores = logits.sigmoid() if cfg.router_scoring == "sigmoid" else logits.softmax(-1)
         choice = scores + self.expert_bias if cfg.correction_bias else scores
         if cfg.n_group > 1:
@@ -326,6 +367,8 @@ class Experts(nn.Module):
         """Why the native kernels cannot compute these experts (None: they can)."""
         if hasattr(self, "b1"):
             return "experts with biases"
+        if self.cfg.experts_scale_input:
+            return "experts whose routing weight scales their input"
         if self.cfg.activation != "swiglu":
             return f"the {self.cfg.activation} activation"
         return None
@@ -343,9 +386,12 @@ class Experts(nn.Module):
         for e in indices_TK.unique().tolist():
             token, slot = torch.where(indices_TK == e)
             h = x_TH[token]
+            w = weights_TK[token, slot, None]
+            if self.cfg.experts_scale_input:  # Llama 4: the expert sees the weighted input
+                h, w = (h * w).to(h.dtype), None
             b1, b3, b2 = (self.b1[e], self.b3[e], self.b2[e]) if biased else (None, None, None)
             y = F.linear(self.activation(F.linear(h, self.w1[e], b1), F.linear(h, self.w3[e], b3)), self.w2[e], b2)
-            out.index_add_(0, token, (y * weights_TK[token, slot, None]).to(out.dtype))
+            out.index_add_(0, token, (y if w is None else y * w).to(out.dtype))
         return out
 
 
@@ -391,8 +437,9 @@ class Block(nn.Module):
         super().__init__()
         self.index = layer
         self.window = cfg.windows[layer] if layer < len(cfg.windows) else None
+        self.chunk = cfg.chunks[layer] if layer < len(cfg.chunks) else None
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
+        self.attention = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if layer in cfg.dense_layers:
             self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)
@@ -401,13 +448,25 @@ class Block(nn.Module):
         if layer >= cfg.num_layers:  # an MTP layer: carried, not run by the LM forward
             self.mtp = MTPHead(cfg)
 
-    def forward(self, x, rotary, cos, sin, biases, cache: KVCache | None = None):
-        x = x + self.attention(self.attention_norm(x), rotary, cos, sin, biases[self.window], cache, self.index)
+    def forward(self, x, rotary, cos, sin, biases, cache: KVCache | None = None, temperature=None):
+        extra = {"temperature": temperature} if temperature is not None else {}
+        x = x + self.attention(self.attention_norm(x), rotary, cos, sin, biases[(self.window, self.chunk)], cache,
+                               self.index, **extra)
         h = self.ffn_norm(x)
         if hasattr(self, "moe"):
             y, router_logits = self.moe(h)
             return x + y, router_logits
         return x + self.feed_forward(h), None
+
+
+def _drop_tied_head(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + "output.weight", None)
+    return state_dict
+
+
+def _fill_tied_head(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    if prefix + "output.weight" not in state_dict and prefix + "tok_embeddings.weight" in state_dict:
+        state_dict[prefix + "output.weight"] = state_dict[prefix + "tok_embeddings.weight"]
 
 
 class MoETransformer(nn.Module):
@@ -424,7 +483,11 @@ class MoETransformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
+            # one tensor under one name: the state dict holds the embedding only, and loading
+            # fills the head from it (a state where the two differ cannot be a tied model)
             self.output.weight = self.tok_embeddings.weight
+            self._register_state_dict_hook(_drop_tied_head)
+            self._register_load_state_dict_pre_hook(_fill_tied_head)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None) -> CausalLMOutput:
         B, S = input_ids.shape
@@ -432,13 +495,18 @@ class MoETransformer(nn.Module):
         if position_ids is None:
             position_ids = (past + torch.arange(S, device=input_ids.device))[None].expand(B, -1)
         decoder = self.layers[: self.cfg.num_layers]
-        windows = {layer.window for layer in decoder}
-        biases = {w: attention_bias(attention_mask, position_ids, S, w, past) for w in windows}
+        kinds = {(layer.window, layer.chunk) for layer in decoder}
+        biases = {(w, c): attention_bias(attention_mask, position_ids, S, w, past, c) for w, c in kinds}
         cos, sin = self.rotary(position_ids)
+        temperature = None
+        if self.cfg.attn_temperature is not None:  # Llama 4: by token index from the sequence's start
+            floor, scale = self.cfg.attn_temperature
+            index = sequence_index(attention_mask, position_ids, S, past)[:, past:].clamp(min=0).float()  # pads: 0
+            temperature = torch.log1p(torch.floor((index + 1.0) / floor)) * scale + 1.0  # [B, S]
         x = self.tok_embeddings(input_ids)
         router_logits = []
         for layer in decoder:
-            x, logits = layer(x, self.rotary, cos, sin, biases, cache)
+            x, logits = layer(x, self.rotary, cos, sin, biases, cache, temperature)
             if logits is not None:
                 router_logits.append(logits)
         return CausalLMOutput(logits=self.output(self.norm(x)), router_logits=tuple(router_logits), cache=cache)
