@@ -83,3 +83,11 @@ def test_checkpoint_format_change_shows_as_a_schema_diff(pytester):
     checkpoint = checks_by_name(reports["team_qwen3_layers"])["test_checkpoint_schema[team_qwen3_layers-faithful]"]
     assert checkpoint["status"] == "failed", checkpoint
     assert "model.layers.2." in checkpoint["message"] and "snapshot" in checkpoint["message"].lower(), checkpoint["message"]
+
+
+def test_a_plugin_without_recorded_snapshots_is_told_how_to_record_them(pytester):
+    _, reports = run_suites(pytester, suite="test_schema.py", plugin_source=PLUGIN.format(renamed=False),
+                            plugin_name="team_qwen3_new")
+    for check in reports["team_qwen3"]["checks"]:
+        assert check["status"] == "failed", check
+        assert "no schema snapshot is recorded" in check["message"] and "--snapshot-update" in check["message"], check
