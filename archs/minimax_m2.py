@@ -11,6 +11,7 @@ from moe_conformance import ArchSpec, Capabilities, ExpectedFailure, Variant
 from moe_conformance.convert import MIXTRAL_NAMES
 from moe_conformance.native import native
 from moe_conformance.dryrun import released_config
+from moe_conformance.engines import VLLM_CPU_MINIMAX, vllm_cannot_run
 
 # hidden 64, expert 40, head 32 (a size vLLM runs; rotary 16 = half, like the release's 64 of 128); 12 experts top-3.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=40, head_dim=32, rotary_dim=16,
@@ -36,5 +37,6 @@ ARCH = ArchSpec(
                         "bf16 profile: transformers' MiniMaxM2 rounds its routing bias to bf16 in a bf16 model (no "
                         "_keep_in_fp32_modules), the candidate keeps it in fp32: 39% of routing decisions differ",
                         dtypes=("bfloat16",)),
+        *vllm_cannot_run(VLLM_CPU_MINIMAX),
     ),
 )

