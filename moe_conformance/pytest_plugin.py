@@ -188,6 +188,7 @@ class Conformance:
             f"triton {versions['triton']}; device {self.device}; dtype {self.dtype}; seed {self.seed}; "
             f"reports -> {self.report_dir}; check timeout {self.timeout:g} s"
             + (f"; kernels {', '.join(self.kernels)}" if self.kernels else "")
+            + ("; TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else "")
         ]
         lines += [f"moe-conformance WARNING: {w}" for w in support.warnings()]
         for name, entry in self.entries.items():

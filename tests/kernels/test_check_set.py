@@ -34,3 +34,13 @@ def test_gates_are_ordered_by_precision():
     g = checks.gate_for
     for op in ("combine", "experts"):
         assert g(op, torch.float32) < g(op, torch.float16) < g(op, torch.bfloat16)
+
+
+def test_a_gpu_run_under_the_interpreter_says_so():
+    """TRITON_INTERPRET=1 (this process: the CPU run's setting) on a GPU device is a named reason,
+    not an interpreter crash on GPU tensors."""
+    from moe_conformance.native.kernels import _triton_unavailable
+
+    why = _triton_unavailable("cuda", torch.float32)
+    assert why is not None and "TRITON_INTERPRET=1" in why and "GPU" in why
+    assert _triton_unavailable("cpu", torch.float32) is None

@@ -166,6 +166,10 @@ def _triton_unavailable(device: str, dtype: torch.dtype) -> str | None:
                     "(set it in the environment)")
         if dtype == torch.bfloat16:
             return "bf16 gives garbage under the Triton interpreter; bf16 runs on a GPU"
+    elif _triton_interpreting():
+        # seen on a GPU image: the interpreter fails on GPU tensors (TypeError in interpreter.py)
+        return ("TRITON_INTERPRET=1 is set in this process's environment: on a GPU the Triton kernels would run "
+                "under the interpreter, not compiled (unset it for a GPU run)")
     return None
 
 
