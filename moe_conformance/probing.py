@@ -192,19 +192,25 @@ def forced_routing(model: torch.nn.Module, case, side: str, choose: Chooser) -> 
             router = modules.get(layer.router) if layer.router else None
             experts = modules.get(layer.experts) if layer.experts else None
             rp, ep = probes.router, probes.experts
+            logits_child = modules.get(f"{layer.router}.{rp.logits_from}") if (rp is not None and rp.logits_from
+                                                                                and layer.router) else None
+            if logits_child is not None:  # the router's output has no logits: its child's output is them
+                def logits_of(mod, args, output, i=layer.layer):
+                    captured[i] = _merge(RouterReading(logits=output), captured.get(i) or RouterReading())
+                handles.append(logits_child.register_forward_hook(logits_of))
             if router is not None and rp is not None and rp.force is not None:
                 def at_router(mod, args, output, i=layer.layer, rp=rp):
-                    return rp.force(output, choose(i, rp.read(output)))
+                    return rp.force(output, choose(i, _merge(rp.read(output), captured.pop(i, None) or RouterReading())))
                 handles.append(router.register_forward_hook(at_router))
             elif experts is not None and ep is not None and ep.force_choice is not None and ep.read_choice is not None:
                 if router is not None and rp is not None:  # keep what the router scored, for the chooser
                     def capture(mod, args, output, i=layer.layer, rp=rp):
-                        captured[i] = rp.read(output)
+                        captured[i] = _merge(rp.read(output), captured.get(i) or RouterReading())
                     handles.append(router.register_forward_hook(capture))
 
                 def at_experts(mod, args, kwargs, i=layer.layer, ep=ep):
                     indices, weights = ep.read_choice(args, kwargs)
-                    natural = _merge(RouterReading(indices=indices, weights=weights), captured.get(i) or RouterReading())
+                    natural = _merge(RouterReading(indices=indices, weights=weights), captured.pop(i, None) or RouterReading())
                     forced = choose(i, natural)
                     return ep.force_choice(args, kwargs, forced.indices, forced.weights)
                 handles.append(experts.register_forward_pre_hook(at_experts, with_kwargs=True))

@@ -19,6 +19,7 @@ dormant until ``--arch`` or ``--arch-plugin`` is given. Then it
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -317,6 +318,9 @@ class Conformance:
                 self._untimed(previous)
             if cause:
                 rep.user_properties.append(("moe_root_cause", cause))
+        # figures travel as JSON text: xdist's wire format holds no integer beyond 32 bits (a
+        # full-size parameter count), and the report is JSON anyway
+        rep.user_properties = [(k, json.dumps(v, default=str) if k == "moe_check" else v) for k, v in rep.user_properties]
         return rep
 
     # ---- results (controller side: xdist forwards every worker's reports here)
@@ -347,6 +351,8 @@ class Conformance:
         record = self.results.setdefault(report.nodeid, {**case, "status": None, "kind": None, "message": "",
                                                          "figures": {}, "thresholds": {}, "seconds": 0.0})
         check = props.get("moe_check")
+        if isinstance(check, str):
+            check = json.loads(check)
         if check:
             record["figures"].update(check["figures"])
             record["thresholds"].update(check["thresholds"])

@@ -318,3 +318,18 @@ def test_fixture_files_are_plain_published_json():
     for path in sorted(folder.glob("*.json")):
         values = json.loads(path.read_text())
         assert isinstance(values, dict) and "hidden_size" in values, path.name
+
+
+def test_full_size_figures_cross_xdist(pytester):
+    """A candidate without the release's MTP layers is 13.5e9 parameters short at full size: a
+    figure past the 32-bit integers xdist's wire format carries (the figures travel as JSON)."""
+    result, reports = run_suites(pytester, "-k", "faithful and test_dry_run_parameters", "-n", "2",
+                                 suite="test_dry_run.py", plugin_name="mtp_dropped",
+                                 plugin_source=f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                                               "import planted_wave3\nARCH = planted_wave3.build('mtp_skipped')\n",
+                                 subprocess=True)
+    assert "INTERNALERROR" not in result.stdout.str(), result.stdout.str()[-3000:]
+    (report,) = reports.values()
+    (check,) = report["checks"]
+    assert check["status"] == "failed" and "declared extra tensors" in check["message"], check
+    assert check["figures"]["params_delta"] < -2**31, check["figures"]

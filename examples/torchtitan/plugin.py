@@ -40,9 +40,10 @@ ROUTE_NORM = "torchtitan's Qwen3-MoE builder hard-codes route_norm=True, whateve
 # the checks a numeric discrepancy surely breaks (strict), and those it may trip on the way:
 # router logits seen by the aux/z checks, the trained checkpoint reloaded into the reference, an
 # engine batching tokens differently from the trainer (bf16 rounding depends on the batch)
-BROKEN = ("logit_parity", "test_gradient_parity", "test_sft_matches_reference", "test_expert_functions_match_file")
+BROKEN = ("logit_parity", "test_gradient_parity", "test_sft_matches_reference", "test_expert_functions_match_file",
+          "test_ep_forward", "test_ep_gradients", "test_upcycled_moe_equals_dense")
 KNOCK_ON = ("test_aux_loss", "test_z_loss", "test_sft_checkpoint_reloads", "test_rl_engine_mismatch",
-            "test_rl_engine_follows_updates", "test_engine_parity_vllm", "test_rl_vllm")
+            "test_rl_engine_follows_updates", "test_engine_parity_vllm", "test_rl_vllm", "test_engine_sync_composes")
 
 
 def _discrepancy(reason: str, variants=()) -> tuple[ExpectedFailure, ...]:
@@ -60,7 +61,7 @@ MTP_DROPPED = tuple(ExpectedFailure(check, MTP) for check in (
 LOSSY = {"deepseek_v3": MTP_DROPPED, "qwen3_moe": ()}
 
 DISCREPANCIES = {
-    "deepseek_v3": (_discrepancy(f"{EPS}; {BF16_EXPERTS}", variants=("faithful",))
+    "deepseek_v3": (_discrepancy(f"{EPS}; {BF16_EXPERTS}", variants=("faithful", "vllm_sized"))
                     + _discrepancy(f"{EPS}; {BF16_EXPERTS}; {YARN}", variants=("yarn_mscale",))),
     "qwen3_moe": (_discrepancy(BF16_EXPERTS, variants=("faithful",))
                   + _discrepancy(f"{BF16_EXPERTS}; {ROUTE_NORM}", variants=("unnormalized",))),
