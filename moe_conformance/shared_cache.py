@@ -40,7 +40,7 @@ def get(directory: Path, key: str, compute: Callable[[], Any]) -> Any:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             if data.exists():
-                value = torch.load(data, weights_only=False)
+                value = torch.load(data, weights_only=True)  # tensors and plain containers only
             else:
                 value = compute()
                 tmp = data.with_suffix(f".tmp{os.getpid()}")

@@ -17,6 +17,8 @@ pip_install() {  # quiet, but never hides a failure
     "$VENV/bin/python" -m pip install -q ${LOCK:+-c "$LOCK"} "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
+# every install below goes through the lock (-c); an empty LOCK= is the explicit way out
+[ -z "$LOCK" ] || [ -f "$LOCK" ] || { echo "bootstrap: lock file $LOCK not found (scripts/lock.sh writes it)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip_install --upgrade pip
 pip_install "$TORCH_SPEC"

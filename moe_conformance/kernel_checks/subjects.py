@@ -15,7 +15,9 @@ runs the stages that are there:
   then up rows), differentiable like ``experts``
 
 Optionally ``use_in(candidate_model)`` switches a candidate to these kernels (the candidate then
-runs on them against the reference), and ``unsupported_routing(routing)`` says which routing
+runs on them against the reference; it raises :class:`KernelsCannotRun`, or any
+``NotImplementedError``, naming why when the candidate's configuration is one its kernels do
+not compute: the check records that, it never passes it), and ``unsupported_routing(routing)`` says which routing
 the ``route`` stage does not implement (the check set then leaves that stage out, saying so).
 
 Outputs are poisoned during the checks: every ``torch.empty``-family allocation made from
@@ -35,6 +37,10 @@ import torch
 
 STAGES = ("route", "permute", "combine", "experts", "fused_moe")
 INT_POISON = 2**30 + 7  # fits int32, is no valid index or count in any check
+
+
+class KernelsCannotRun(NotImplementedError):
+    """``use_in`` on a candidate configuration the kernels do not compute (the reason in the message)."""
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,9 @@ def _use_in(backend: str):
         found = [m for m in model.modules() if isinstance(m, Experts)]
         why = found[0].kernel_unsupported() if found else "no native Experts module"
         if why:
-            raise NotImplementedError(f"the native {backend} kernels do not compute {why}")
+            from ...kernel_checks.subjects import KernelsCannotRun
+
+            raise KernelsCannotRun(f"the native {backend} kernels do not compute {why}")
         for m in found:
             m.backend = backend
     return switch
