@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Triton kernels run on CPU under the interpreter, chosen before the first `import triton`
-# (tests/kernels runs natively on a GPU with MOE_KERNELS_DEVICE=cuda).
+# (tests/conftest.py imports transformers, which imports triton). Not on a GPU run: tests/kernels
+# with MOE_KERNELS_DEVICE=cuda, or the suites with `--device cuda`, where the plugin has already
+# set TRITON_INTERPRET=0 (pytest_load_initial_conftests runs before this file is imported).
 if os.environ.get("MOE_KERNELS_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The conformance suite on a GPU machine: every arch, every family, --device cuda (fp32), then
-# the bf16 production profile, then the bundled kernels natively in bf16. Writes the reports
+# the bf16 production profile, then the bundled kernels natively in bf16, then (SESSIONS=layer) the
+# MoE layer speed benchmark. Writes the reports
 # and a summary into $OUT (default ./gpu-out).
 #
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_suite_run.sh [ARCHS] [WORKERS]
@@ -20,6 +21,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
     export PYTHONPATH=$PWD
 fi
+# an interpreter left on by the image or a parent shell would run every Triton kernel on GPU tensors
+# under the interpreter (seen once: all kernel checks failed); the run records and clears it
+env | grep '^TRITON' > "$OUT/triton_env.txt" || true
+unset TRITON_INTERPRET
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >> "$OUT/gpu.txt"
@@ -39,5 +44,10 @@ for session in $SESSIONS; do
         fp32) run fp32 ;;
         bf16) run bf16 --dtype bf16 ;;
         kernels) run kernels --family kernels --kernels triton,torch ;;
+        layer)  # the MoE layer speed benchmark (benchmarks/results/gpu_moe_layer.md)
+            mkdir -p "$OUT/layer"
+            python3 benchmarks/gpu_moe_layer.py --out "$OUT/layer" --skip-checks > "$OUT/layer.log" 2>&1
+            echo "layer: rc $?" | tee -a "$OUT/summary.txt"
+            tar -C "$OUT" -czf "$OUT/layer.tgz" layer && rm -rf "${OUT:?}/layer" ;;
     esac
 done

@@ -67,6 +67,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="do not force the Hugging Face hub offline (the suite never needs it)")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """Choose the Triton mode before any conftest runs: a conftest may import transformers, which
+    imports triton, and the interpreter is read once, at that first import. On CPU the Triton
+    kernels run only under the interpreter; on a GPU they must compile (an interpreter switched on
+    by a CPU default failed every Triton kernel check on an H200)."""
+    known = early_config.known_args_namespace
+    if not (getattr(known, "arch", None) or getattr(known, "arch_plugin", None)):
+        return  # not a conformance run: leave the user's Triton alone
+    os.environ.setdefault("TRITON_INTERPRET", "0" if str(known.device).startswith("cuda") else "1")
+
+
 def _active(config: pytest.Config) -> bool:
     return bool(config.getoption("arch") or config.getoption("arch_plugin"))
 
@@ -77,10 +89,6 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if not config.getoption("allow_hub"):
         os.environ.update(OFFLINE_ENV)  # overrides a user's HF_HUB_OFFLINE=0: the suite never downloads
-    if not config.getoption("device").startswith("cuda"):
-        # Triton kernels run on CPU only under the interpreter, which must be chosen before the
-        # first `import triton` of the process (collection imports transformers, which may).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         known, plugin_names = registry.discover(config.getoption("arch_plugin"))
         selected = registry.select(known, config.getoption("arch"), plugin_names)

@@ -169,3 +169,26 @@ def test_xdist_run_matches_serial_run(tmp_path):
     assert runs["serial"].keys() == runs["xdist"].keys() and len(runs["serial"]) >= 2
     for arch in runs["serial"]:
         assert _figures(runs["serial"][arch]) == _figures(runs["xdist"][arch]), arch
+
+
+
+def test_triton_mode_is_chosen_before_any_conftest(monkeypatch):
+    """Seen on an H200: a CPU default switched the Triton interpreter on for `--device cuda` (the
+    repo's conftests import triton before pytest_configure), and every Triton kernel check failed
+    on GPU tensors. The plugin decides at pytest_load_initial_conftests, and only for a
+    conformance run."""
+    import argparse
+
+    from moe_conformance import pytest_plugin
+
+    class EarlyConfig:
+        def __init__(self, **known):
+            self.known_args_namespace = argparse.Namespace(**known)
+
+    for device, mode in (("cuda", "0"), ("cuda:1", "0"), ("cpu", "1")):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        pytest_plugin.pytest_load_initial_conftests(EarlyConfig(arch="kimi_k25", arch_plugin=[], device=device), None, [])
+        assert os.environ.get("TRITON_INTERPRET") == mode, device
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest_plugin.pytest_load_initial_conftests(EarlyConfig(arch=None, arch_plugin=[], device="cpu"), None, [])
+    assert "TRITON_INTERPRET" not in os.environ  # someone else's pytest run: untouched
