@@ -21,6 +21,12 @@ Implementations timed:
   grouped_mm  the "torch" backend: torch routing, argsort permutation, torch._grouped_mm;
   loop        eager-style bf16 loop over experts (index, 3 matmuls, index_add), transformers'
               eager experts in spirit; few repetitions (it syncs the host once per call).
+  ceiling     torch._grouped_mm alone on tokens already permuted by expert (gate, up, SwiGLU,
+              down; no router, no permutation, no combine): what the expert GEMMs cost, the bound
+              a whole layer can approach. Every layer figure is also printed as a ratio to it.
+
+Speed goal (issue 12): triton >= 1.0x the grouped_mm layer on every shape and direction, and
+forward >= 60% of the measured peak at 16k tokens; the report says, per shape, whether it is met.
 """
 
 from __future__ import annotations
@@ -177,6 +183,45 @@ def loop_experts(x, idx, w, w_gate, w_up, w_down):
         y = (F.silu(h @ w_gate[e].T) * (h @ w_up[e].T)) @ w_down[e].T
         out.index_add_(0, tok, y.float() * w[tok, k, None])
     return out.to(x.dtype)
+
+
+def ceiling_inputs(layer: Layer):
+    """Tokens sorted by expert once, outside the timing, with the layer's own routing."""
+    from moe_conformance.native.kernels.torch_backend import permute_torch
+
+    with torch.no_grad():
+        _, idx = layer.route(layer.x, "torch")
+        perm = permute_torch(idx, layer.spec["E"])
+        x_sorted = layer.x[perm.sorted_slots // layer.spec["K"]].contiguous()
+    grad = torch.randn_like(x_sorted)
+    return x_sorted, perm.offsets, grad
+
+
+def ceiling_experts(layer: Layer, x_sorted, offsets):
+    from moe_conformance.native.kernels.torch_backend import _grouped_linear
+
+    gate = _grouped_linear(x_sorted, layer.w_gate, offsets)
+    up = _grouped_linear(x_sorted, layer.w_up, offsets)
+    return _grouped_linear(F.silu(gate) * up, layer.w_down, offsets)
+
+
+def bench_ceiling(layer: Layer, device, reps, warmup):
+    x_sorted, offsets, grad = ceiling_inputs(layer)
+    xg = x_sorted.detach().clone().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            ceiling_experts(layer, x_sorted, offsets)
+
+    def fwd_bwd():
+        layer.zero_grad()
+        xg.grad = None
+        ceiling_experts(layer, xg, offsets).backward(grad)
+
+    f_ms, _ = time_ms(fwd, device, warmup=warmup, reps=reps)
+    fb_ms, _ = time_ms(fwd_bwd, device, warmup=warmup, reps=reps)
+    layer.zero_grad()
+    return f_ms, fb_ms
 
 
 # ------------------------------------------------------------------------- correctness
@@ -376,12 +421,14 @@ def write_reports(results, out_dir):
         "'% peak' is that over the matmul peak above  ",
         f"- timings: median of {results['reps']} CUDA-event timed calls after warm-up "
         f"(loop: {results['loop_reps']} calls); triton block shapes: best of presets {list(PRESETS)} per shape", "",
-        "| layer | tokens | impl | fwd ms | fwd TFLOP/s | fwd % peak | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd % peak | triton speed-up fwd / fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | tokens | impl | fwd ms | fwd TFLOP/s | fwd % peak | fwd of ceiling | fwd+bwd ms | fwd+bwd TFLOP/s | "
+        "fwd+bwd % peak | fwd+bwd of ceiling | triton speed-up fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peak = env.get("peak_tflops", float("nan"))
     for r in results["timings"]:
-        for impl in ("triton", "grouped_mm", "loop"):
+        ceiling = r.get("ceiling", (float("nan"), float("nan")))
+        for impl in ("triton", "grouped_mm", "ceiling", "loop"):
             if impl not in r:
                 continue
             f_ms, fb_ms = r[impl]
@@ -390,8 +437,28 @@ def write_reports(results, out_dir):
             sp = f"{f_ms / tri[0]:.2f}x / {fb_ms / tri[1]:.2f}x" if tri and impl != "triton" else ""
             name = impl + (f" (preset {r['preset']})" if impl == "triton" else "")
             lines.append(f"| {r['layer']} | {r['T']} | {name} | {f_ms:.2f} | {tf:.0f} | {100 * tf / peak:.0f}% | "
-                         f"{fb_ms:.2f} | {tfb:.0f} | {100 * tfb / peak:.0f}% | {sp} |")
-    lines += ["", "Speed-up = that implementation's time / triton's time (>1: triton faster).", "",
+                         f"{ceiling[0] / f_ms:.2f} | {fb_ms:.2f} | {tfb:.0f} | {100 * tfb / peak:.0f}% | "
+                         f"{ceiling[1] / fb_ms:.2f} | {sp} |")
+    lines += ["", "Speed-up = that implementation's time / triton's time (>1: triton faster). 'of ceiling' = the "
+              "ceiling's time / this time (1.00: as fast as the expert GEMMs alone on pre-permuted tokens); "
+              "the ceiling's TFLOP/s count the same FLOPs as the layer's (its router matmul excluded from its time).", "",
+              "## Speed goal", "",
+              "triton >= 1.0x the grouped_mm layer, each shape and direction; forward >= 60% of the measured peak "
+              "at 16k tokens.", "",
+              "| layer | tokens | fwd vs grouped_mm | fwd+bwd vs grouped_mm | fwd % peak | met | bound |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results["timings"]:
+        if "triton" not in r or "grouped_mm" not in r:
+            continue
+        (tf_ms, tfb_ms), (gf_ms, gfb_ms) = r["triton"], r["grouped_mm"]
+        ceiling = r.get("ceiling", (float("nan"), float("nan")))
+        pct = 100 * r["flops_fwd"] / tf_ms / 1e9 / peak
+        ok = gf_ms / tf_ms >= 1.0 and gfb_ms / tfb_ms >= 1.0 and (r["T"] < 16384 or pct >= 60)
+        bound = (f"the ceiling itself reaches {100 * r['flops_fwd'] / ceiling[0] / 1e9 / peak:.0f}% of peak forward; "
+                 f"triton reaches {ceiling[0] / tf_ms:.2f} / {ceiling[1] / tfb_ms:.2f} of it (fwd / fwd+bwd)")
+        lines.append(f"| {r['layer']} | {r['T']} | {gf_ms / tf_ms:.2f}x | {gfb_ms / tfb_ms:.2f}x | {pct:.0f}% | "
+                     f"{'yes' if ok else 'no'} | {bound} |")
+    lines += ["",
               "## Correctness in the same run (scaled max error vs fp32 per-expert reference)", "",
               "| layer | tokens | impl | out | grad_x | grad_weights | grad_w_gate | grad_w_up | grad_w_down |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -515,6 +582,8 @@ def main():
                 row["triton"] = (best[1], best[2])
                 row["grouped_mm"] = bench_layer(layer, "grouped_mm", device, args.reps, 3)
                 log(f"grouped_mm {tag}: {row['grouped_mm']}")
+                row["ceiling"] = bench_ceiling(layer, device, args.reps, 3)
+                log(f"ceiling {tag}: {row['ceiling']}")
                 row["loop"] = bench_layer(layer, "loop", device, args.loop_reps, 1)
                 log(f"loop {tag}: {row['loop']}")
                 results["timings"].append(row)
