@@ -23,11 +23,12 @@ else
 fi
 # an interpreter left on by the image or a parent shell would run every Triton kernel on GPU tensors
 # under the interpreter (seen once: all kernel checks failed); the run records and clears it
-env | grep '^TRITON' > "$OUT/triton_env.txt" || true
+TRITON_ENV=$(env | grep '^TRITON' | tr '\n' ' ')
 unset TRITON_INTERPRET
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >> "$OUT/gpu.txt"
+echo "TRITON_* in the environment before the run (cleared): ${TRITON_ENV:-none}" >> "$OUT/gpu.txt"
 run() {  # run NAME ARGS...: one pytest session, its reports under $OUT/NAME
     local name=$1; shift
     local start=$(date +%s)
