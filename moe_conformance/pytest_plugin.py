@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from . import registry, report, support
+from .kernel_checks import profiles  # noqa: F401 - registers the hypothesis profiles before hypothesis loads one
 from .paths import suites_dir
 from .spec import describe
 

@@ -23,6 +23,7 @@ from moe_conformance import routing, tolerances
 from moe_conformance.checks import ANY_DTYPE, conformance
 from moe_conformance.compare import compare_logits, run_candidate, run_reference
 from moe_conformance.kernel_checks.checks import run_kernel_checks
+from moe_conformance.kernel_checks.profiles import sweep_examples
 
 
 def declares_kernels(case) -> str | None:
@@ -46,10 +47,12 @@ def test_kernel_check_set(arch, record):
     device = str(arch.device)
     # Stress variants change the routing (groups, normalization): the routing-dependent cases
     # run in full, the dtype sweep of the expert GEMMs once, on the faithful variant (CPU budget).
-    light = arch.variant.name != "faithful" and not device.startswith("cuda")
+    # `--hypothesis-profile moe-conformance-sweep` sweeps every variant in every dtype, longer.
+    sweep = sweep_examples()
+    light = arch.variant.name != "faithful" and not device.startswith("cuda") and sweep is None
     results = run_kernel_checks(_routing(arch), backends=arch.kernel_subjects(),
                                 dtypes=(torch.float32,) if light else _dtypes(device), device=device,
-                                max_examples=1 if light else 2)
+                                max_examples=sweep or (1 if light else 2))
     skipped = [f"{r['backend']} {r.get('op', '*')}: {r['skipped']}" for r in results if "skipped" in r]
     ran = [r for r in results if "skipped" not in r and "seconds" not in r]
     worst = {}

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for kernel cases, and a deterministic CI settings profile.
+"""Hypothesis strategies for kernel cases (their settings profiles: profiles.py).
 
 A case is a small frozen record (shapes, routing config, token distribution, seed); the
 tensors are made from its seed by `checks.py`, so a failing case prints as something you can
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from ..routing import Routing
+from .profiles import CI_PROFILE, CI_SETTINGS
 
 __all__ = [
     "RoutingConfig", "RouteCase", "ExpertsCase", "DISTRIBUTIONS", "CI_PROFILE", "CI_SETTINGS",
@@ -67,18 +67,6 @@ class ExpertsCase:
                 f"K={self.top_k} dist={self.distribution} seed={self.seed}")
 
 
-# Deterministic, bounded, no deadline (the Triton interpreter is slow and its speed varies).
-CI_PROFILE = "moe-conformance-ci"
-CI_SETTINGS = settings(
-    derandomize=True,
-    max_examples=3,
-    deadline=None,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.function_scoped_fixture],
-)
-settings.register_profile(CI_PROFILE, CI_SETTINGS)
 
 
 def routing_configs() -> st.SearchStrategy[RoutingConfig]:
