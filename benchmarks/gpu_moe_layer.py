@@ -420,7 +420,7 @@ def write_reports(results, out_dir):
         "- TFLOP/s count the useful FLOPs (6·T·K·H·I + 2·T·H·E forward, 3x for fwd+bwd); "
         "'% peak' is that over the matmul peak above  ",
         f"- timings: median of {results['reps']} CUDA-event timed calls after warm-up "
-        f"(loop: {results['loop_reps']} calls); triton block shapes: best of presets {list(PRESETS)} per shape", "",
+        f"(loop: {results['loop_reps']} calls); triton block shapes: best of presets {results.get('presets', list(PRESETS))} per shape", "",
         "| layer | tokens | impl | fwd ms | fwd TFLOP/s | fwd % peak | fwd of ceiling | fwd+bwd ms | fwd+bwd TFLOP/s | "
         "fwd+bwd % peak | fwd+bwd of ceiling | triton speed-up fwd / fwd+bwd |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -528,7 +528,7 @@ def main():
     dtype = torch.float32 if args.smoke else torch.bfloat16
     layers = SMOKE_LAYERS if args.smoke else {k: LAYERS[k] for k in args.layers.split(",")}
     tokens = [16, 40] if args.smoke else [int(t) for t in args.tokens.split(",")]
-    results = {"reps": args.reps, "loop_reps": args.loop_reps, "timings": [], "correctness": [],
+    results = {"reps": args.reps, "loop_reps": args.loop_reps, "presets": args.presets.split(","), "timings": [], "correctness": [],
                "errors": [], "preset_sweep": {}}
     results["env"] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
