@@ -34,7 +34,6 @@ from typing import Any
 import pytest
 
 from . import registry, report, support
-from .kernel_checks import profiles  # noqa: F401 - registers the hypothesis profiles before hypothesis loads one
 from .paths import suites_dir
 from .spec import describe
 
@@ -66,6 +65,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"fail a check whose setup, body or teardown runs longer (default {DEFAULT_TIMEOUT:g}; 0: none)")
     group.addoption("--allow-hub", action="store_true", default=False,
                     help="do not force the Hugging Face hub offline (the suite never needs it)")
+
+
+@pytest.hookimpl(tryfirst=True, specname="pytest_configure")
+def pytest_configure_hypothesis_profiles(config: pytest.Config) -> None:
+    """Register the kernel check set's hypothesis profiles before hypothesis' own plugin loads the
+    one `--hypothesis-profile` names (importing hypothesis costs 0.5 s: only when asked)."""
+    if str(config.getoption("--hypothesis-profile", default=None) or "").startswith("moe-conformance"):
+        from .kernel_checks import profiles  # noqa: F401 - registers them
 
 
 @pytest.hookimpl(tryfirst=True)

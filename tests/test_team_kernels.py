@@ -63,16 +63,14 @@ def test_no_declared_kernels_runs_none_unless_asked(pytester):
 
 def test_the_sweep_profile_draws_more_cases(pytester):
     """`--hypothesis-profile moe-conformance-sweep` (hypothesis' own option; the plugin registers
-    the profile): more drawn cases than a PR run, on every variant, still passing."""
-    from hypothesis import settings
-
-    cases, before = {}, settings.get_current_profile_name()
+    the profile before hypothesis loads it, so in a fresh process): more drawn cases than a PR
+    run, on every variant, still passing."""
+    cases = {}
     for profile in ("default", "moe-conformance-sweep"):
         args = ["--arch", "qwen3_moe", "--family", "kernels", "--kernels", "torch", "-k", "test_kernel_check_set"]
-        try:  # in-process: hypothesis keeps a loaded profile for the tests that follow
-            _, reports = run_suites(pytester, *args, *(["--hypothesis-profile", profile] if profile != "default" else []))
-        finally:
-            settings.load_profile(before)
+        result, reports = run_suites(pytester, *args, *(["--hypothesis-profile", profile] if profile != "default" else []),
+                                     subprocess=True)
+        assert result.ret == 0, result.stdout.str()[-2000:]
         checks = checks_by_name(reports["qwen3_moe"])
         assert {c["status"] for c in checks.values() if c["status"] != "deselected"} == {"passed"}, checks
         cases[profile] = {name: c["figures"]["cases"] for name, c in checks.items() if c["status"] == "passed"}
