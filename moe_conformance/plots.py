@@ -55,7 +55,11 @@ def render(report_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     for name, curves in todo:
         panels = curves["panels"]
         log_panels = set(curves.get("log_panels", ()))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+        width, height = 4.2 * len(panels), 3.2
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+        # fixed margins, in inches: tight_layout drew every figure twice (half of a run's report time)
+        fig.subplots_adjust(left=0.55 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.6 / height,
+                            wspace=0.3)
         for ax, (panel, series) in zip(axes[0], panels.items()):
             floor = 1e-9  # log panels: exact zeros are drawn at the floor
             for label, ys in series.items():
@@ -75,7 +79,6 @@ def render(report_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=7)
         fig.suptitle(curves.get("title", name), fontsize=10)
-        fig.tight_layout()
         path = folder / plot_name(name)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp.png")
         os.close(fd)
