@@ -129,6 +129,8 @@ class Launch:
             return self._wait(torch)
         finally:
             self.kill()
+            if _WARM["left"] > 0:  # the next launch's launcher imports while the checks go on
+                prestart(_WARM["plugins"])
 
     def _wait(self, torch) -> list[Any]:
         ready_at = None
@@ -281,20 +283,84 @@ def start(task: str, payload: dict, nprocs: int, *, prepare: str | None = None, 
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
             raise LaunchFailed(f"{nprocs} ranks need {nprocs} GPUs (one per rank); {found} visible")
         backend = "nccl" if backend == "gloo" else backend
-    folder = Path(tempfile.mkdtemp(prefix="moe-conformance-dist-"))
     job = {"task": task, "prepare": prepare, "payload": payload, "nprocs": nprocs, "backend": backend,
            "device": device, "timeout": float(timeout), "sys_path": [p for p in sys.path if isinstance(p, str)],
-           "parent": os.getpid()}
-    torch.save(job, folder / "job.pt")
+           "parent": os.getpid(), "env": _free_of_multicast(dict(os.environ))}
+    _WARM["left"] = max(0, _WARM["left"] - 1)
+    spare = _take_spare()
+    if spare is not None:  # a launcher already started and importing (prestart): hand it the job
+        folder, proc = spare
+        torch.save(job, folder / "job.pt.tmp")
+        os.replace(folder / "job.pt.tmp", folder / "job.pt")
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="moe-conformance-dist-"))
+        torch.save(job, folder / "job.pt")
+        proc = _spawn_launcher(folder)
+    return Launch(folder, nprocs, float(timeout), float(startup_timeout), proc,
+                  keep=bool(os.environ.get("MOE_CONFORMANCE_KEEP_DIST_DIR")))
+
+
+def _spawn_launcher(folder: Path) -> subprocess.Popen:
     log = open(folder / "launcher.log", "wb")
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "moe_conformance.distributed", str(folder)], stdin=subprocess.DEVNULL,
+        return subprocess.Popen([sys.executable, "-m", "moe_conformance.distributed", str(folder)], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=_free_of_multicast(dict(os.environ)),
                                 cwd=os.getcwd(), process_group=0)
     finally:
         log.close()
-    return Launch(folder, nprocs, float(timeout), float(startup_timeout), proc,
-                  keep=bool(os.environ.get("MOE_CONFORMANCE_KEEP_DIST_DIR")))
+
+
+# A launcher started ahead of its job: it imports torch, transformers and the plugins while other
+# checks run, then waits for job.pt. Most of a launch was that import (about 3 of kimi_k25's
+# 4.3 s on 2 cores); started early, it overlaps the checks before the expert-parallel family.
+_SPARE: tuple[Path, subprocess.Popen] | None = None
+_WARM: dict[str, Any] = {"left": 0, "plugins": []}
+
+
+def keep_warm(launches: int, plugin_sources: list[dict[str, str]]) -> None:
+    """This process expects up to ``launches`` launches of these plugins' archs: start a spare
+    now, and another after each launch while more are expected."""
+    _WARM.update(left=launches, plugins=list(plugin_sources))
+    if launches > 0:
+        prestart(plugin_sources)
+
+
+def prestart(plugin_sources: list[dict[str, str]] = ()) -> None:
+    """Start a launcher for this process's next ``start`` (none if one is waiting), importing
+    ``plugin_sources`` (see ``plugin_source``) in advance. ``stop_spare`` ends it unused."""
+    global _SPARE
+    if _SPARE is not None and _SPARE[1].poll() is None:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="moe-conformance-dist-"))
+    (folder / "spare.json").write_text(json.dumps({"parent": os.getpid(), "plugins": list(plugin_sources),
+                                                   "sys_path": [p for p in sys.path if isinstance(p, str)]}))
+    _SPARE = (folder, _spawn_launcher(folder))
+
+
+def _take_spare() -> tuple[Path, subprocess.Popen] | None:
+    global _SPARE
+    spare, _SPARE = _SPARE, None
+    if spare is not None and spare[1].poll() is not None:  # it died waiting (its log says why): start afresh
+        shutil.rmtree(spare[0], ignore_errors=True)
+        return None
+    return spare
+
+
+def stop_spare() -> None:
+    """End the waiting spare, if any, and start no more (the session is over)."""
+    _WARM["left"] = 0
+    spare = _take_spare()
+    if spare is not None:
+        folder, proc = spare
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def launch(task: str, payload: dict, nprocs: int, **options: Any) -> list[Any]:
@@ -430,12 +496,36 @@ def _rank_main(folder: Path, job: dict, r: int, prepared: Any) -> None:
     os._exit(code)
 
 
+def _wait_for_job(folder: Path) -> None:
+    """A spare launcher: import what a launch needs, then wait for the job (or the parent's end)."""
+    spare = json.loads((folder / "spare.json").read_text())
+    _die_with_parent(spare["parent"])
+    for p in reversed(spare["sys_path"]):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    import torch.distributed  # noqa: F401
+
+    from . import case, training  # noqa: F401 - what _ep_prepare and the ranks import
+    for source in spare["plugins"]:
+        try:
+            load_spec(source, "")
+        except Exception:  # noqa: BLE001 - the launch itself imports it again and reports
+            pass
+    while not (folder / "job.pt").exists():
+        if os.getppid() != spare["parent"]:
+            os._exit(3)
+        time.sleep(0.01)
+
+
 def _launcher_main(folder: Path) -> None:
     job_path = folder / "job.pt"
     import torch
 
     torch.set_num_threads(1)  # before any op: the ranks are forked from this process
+    if (folder / "spare.json").exists():
+        _wait_for_job(folder)
     job = torch.load(job_path, weights_only=True)
+    os.environ.update(job["env"])  # a spare was started before the job: the job's environment holds
     _die_with_parent(job["parent"])
     for p in reversed(job["sys_path"]):
         if p not in sys.path:

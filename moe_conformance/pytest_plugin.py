@@ -254,6 +254,28 @@ class Conformance:
     def pytest_deselected(self, items):
         self.deselected += len(items)
 
+    def pytest_collection_finish(self, session):
+        """Start the expert-parallel launcher ahead (distributed.keep_warm): its imports then
+        overlap the families before it. One per process that runs checks; CPU (gloo) only."""
+        if self.config.getoption("collectonly") or self.device != "cpu":
+            return
+        ep_cases = set()
+        for item in session.items:  # (an xdist controller collects none)
+            ref = _case_ref(item)
+            if (ref is not None and ref.variant is not None and family_of(item) == "expert_parallel"
+                    and getattr(self._spec(ref.arch), "expert_parallel", None) is not None):
+                ep_cases.add((ref.arch, ref.variant))
+        if ep_cases:
+            from . import distributed
+
+            sources = []
+            for arch in sorted({a for a, _ in ep_cases}):
+                try:
+                    sources.append(distributed.plugin_source(self._spec(arch)))
+                except LookupError:  # the launch says so, naming the arch
+                    pass
+            distributed.keep_warm(len(ep_cases), sources)
+
     def snapshot_dir(self, arch: str) -> Path:
         return self.entries[arch].snapshot_dir
 
@@ -438,6 +460,9 @@ class Conformance:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
+        from . import distributed
+
+        distributed.stop_spare()
         if self.is_worker or not self.results:
             return
         run = self._run_record(session, exitstatus)

@@ -138,6 +138,10 @@ def echo_task(ctx, prepared):
             "nvls": os.environ.get("NCCL_NVLS_ENABLE")}
 
 
+def env_task(ctx, prepared):
+    return os.environ.get(ctx.payload["name"])
+
+
 def prepare_value(payload):
     return payload["value"] * 2
 

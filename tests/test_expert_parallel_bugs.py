@@ -110,6 +110,37 @@ def test_an_interrupted_wait_leaves_no_process():
     assert not handle.folder.exists()
 
 
+def test_a_spare_launcher_takes_the_next_job(monkeypatch):
+    """prestart: a launcher imports ahead and waits; the next start hands it the job. The job's
+    environment holds (a variable set after the spare started reaches the ranks)."""
+    distributed.prestart([])
+    folder, proc = distributed._SPARE
+    monkeypatch.setenv("MOE_CONFORMANCE_TEST_LATE", "late")
+    handle = distributed.start("planted_ep:env_task", {"name": "MOE_CONFORMANCE_TEST_LATE"}, 2, timeout=60)
+    assert handle.proc is proc and handle.folder == folder
+    assert handle.wait() == ["late", "late"]
+    assert distributed._SPARE is None  # none expected: none started
+    assert not _gone([proc.pid]) and not folder.exists()
+
+
+def test_keep_warm_refills_after_each_launch_and_stop_spare_ends_it():
+    distributed.keep_warm(2, [])
+    first = distributed._SPARE[1]
+    assert distributed.launch("planted_ep:echo_task", {"value": 1}, 2, prepare="planted_ep:prepare_value", timeout=60)
+    second = distributed._SPARE[1]  # one more launch expected: the next launcher is already importing
+    assert second.pid != first.pid and second.poll() is None
+    second.kill()  # a spare that died waiting is replaced by a fresh launcher, not used
+    second.wait()
+    out = distributed.launch("planted_ep:echo_task", {"value": 1}, 2, prepare="planted_ep:prepare_value", timeout=60)
+    assert [o["rank"] for o in out] == [0, 1]
+    assert distributed._SPARE is None  # both expected launches done
+    distributed.keep_warm(5, [])
+    spare = distributed._SPARE
+    distributed.stop_spare()
+    assert distributed._SPARE is None and not _gone([spare[1].pid]) and not spare[0].exists()
+    assert distributed._WARM["left"] == 0
+
+
 def test_row_splits():
     assert distributed.row_splits(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert distributed.row_splits(23, 2) == [(0, 11), (11, 23)]
