@@ -177,11 +177,14 @@ def _use_in(backend: str):
     def switch(model) -> None:
         from ..model import Experts
 
-        found = [m for m in model.modules() if isinstance(m, Experts)]
-        why = found[0].kernel_unsupported() if found else "no native Experts module"
-        if why:
-            from ...kernel_checks.subjects import KernelsCannotRun
+        from ...kernel_checks.subjects import KernelsCannotRun
 
+        found = [m for m in model.modules() if isinstance(m, Experts)]
+        if not found:
+            raise KernelsCannotRun(f"the native {backend} kernels switch only the native candidate's Experts modules, "
+                                   f"and this candidate has none: declare a KernelSubject whose use_in switches yours")
+        why = found[0].kernel_unsupported()
+        if why:
             raise KernelsCannotRun(f"the native {backend} kernels do not compute {why}")
         for m in found:
             m.backend = backend
