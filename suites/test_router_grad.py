@@ -1,4 +1,6 @@
-"""Router gradient flow, gradient parity and load balancing (fp32).
+"""Router gradient flow, gradient parity and load balancing (fp32). Under ``--dtype bf16`` (the
+production profile) the four gradient-flow checks run on the candidate cast to bf16, as it
+trains in production; parity and balancing keep their fp32 gates.
 
 After one forward+backward of the language-modelling loss alone on a reverse-text batch:
 - every router's weights get finite, non-zero gradients (a detached router learns nothing from
@@ -26,7 +28,7 @@ import pytest
 import torch
 
 from moe_conformance import data, tokenizer, tolerances, training
-from moe_conformance.checks import conformance, needs_capability, needs_forcing, needs_router_module, needs_routing_field
+from moe_conformance.checks import ANY_DTYPE, conformance, needs_capability, needs_forcing, needs_router_module, needs_routing_field
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BATCH_SIZE = 8
@@ -75,9 +77,10 @@ def _bias_names(arch) -> list[str]:
 VANISHING = 1e-6
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_router_module)
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_router_module,
+             dtypes=ANY_DTYPE)
 def test_router_weights_get_gradient(arch, record):
-    cand = arch.candidate().train()
+    cand = arch.candidate(dtype=arch.dtype).train()
     loss, tap = _backward(arch, cand, False)
     bias = set(_bias_names(arch))
     problems, norms = [], []
@@ -132,12 +135,13 @@ def _expert_slices(experts: torch.nn.Module, E: int):
 
 
 @pytest.mark.parametrize("routing", ["natural", "forced"])
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=forcing_if_forced)
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=forcing_if_forced,
+             dtypes=ANY_DTYPE)
 def test_expert_gradients_follow_routing(arch, routing, record):
     """Experts with loss-bearing tokens get gradients; experts with none get exactly zero."""
     prep = _prepared(arch)
     E, k = arch.num_experts, arch.model_config.num_experts_per_tok
-    cand = arch.candidate().train()
+    cand = arch.candidate(dtype=arch.dtype).train()
     chosen = list(range(k + 1))  # contiguous, so group-limited routing keeps them together
     if routing == "forced":
         with training.force_route(arch, cand, "cand", chosen):
@@ -172,10 +176,10 @@ def test_expert_gradients_follow_routing(arch, routing, record):
         arch.fail(f"expert gradients do not follow the routing ({routing})", problems)
 
 
-@conformance(applies=needs_capability("shared_experts", "no shared experts"))
+@conformance(applies=needs_capability("shared_experts", "no shared experts"), dtypes=ANY_DTYPE)
 def test_shared_experts_get_gradient(arch, record):
     prep = _prepared(arch)
-    cand = arch.candidate().train()
+    cand = arch.candidate(dtype=arch.dtype).train()
     _backward(arch, cand, False)
     params = dict(cand.named_parameters(remove_duplicate=False))
     # (tensors that only feed declared extras, such as MTP layers, never run in the LM forward)
@@ -196,7 +200,7 @@ def test_shared_experts_get_gradient(arch, record):
         arch.fail("shared expert parameters get no gradient: the shared expert does not train", problems)
 
 
-@conformance(applies=needs_capability("correction_bias", "no selection-only correction bias"))
+@conformance(applies=needs_capability("correction_bias", "no selection-only correction bias"), dtypes=ANY_DTYPE)
 def test_correction_bias_gets_no_gradient(arch, record):
     prep = _prepared(arch)
     names = _bias_names(arch)
@@ -204,7 +208,7 @@ def test_correction_bias_gets_no_gradient(arch, record):
     if not names:
         arch.fail("capabilities say correction bias, but no candidate tensor converts to the reference routers' "
                     f"bias keys {sorted(prep['bias_keys'])[:2]}", [])
-    cand = arch.candidate().train()
+    cand = arch.candidate(dtype=arch.dtype).train()
     _backward(arch, cand, False)
     problems = []
     for n in names:

@@ -4,7 +4,8 @@
 name ``<arch>_<bug>``: in the candidate model (a detached router, a correction bias that
 receives gradient, router logits returned after softmax, a shared expert cut from the graph) or
 in the team's training code it declares through ``ArchSpec.training`` (aux loss counting
-padding, a wrong z-loss, an optimizer missing the experts, an LR schedule off by a factor).
+padding, a wrong z-loss, an optimizer missing the experts, an LR schedule off by a factor), or
+in its bf16 cast (a router detached in the bf16 path only).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import types
 import torch
 
 from moe_conformance import training
+from moe_conformance.contract import default_cast
 from moe_conformance.native.model import MoE, Router
 from planted import _each, _patched, base_spec
 
@@ -83,6 +85,15 @@ def _lr_doubled(step, cfg):
     return 2.0 * training.lr_at(step, cfg)  # the bug: peak LR read from the wrong field (x2)
 
 
+def _cast_detaching_router_in_bf16(model, dtype, keep_fp32=frozenset()):
+    # a bf16 fast path whose routing weights come from a kernel without a backward: fp32 trains
+    # fine; cast to bf16, as production trains, the router gets no gradient
+    model = default_cast(model, dtype, keep_fp32)
+    if dtype != torch.float32:
+        _router_detached(model)
+    return model
+
+
 def _hooks(**kw):
     return lambda s: s.replace(training=training.TrainingHooks(**kw))
 
@@ -96,6 +107,7 @@ BUGS = {
     "optimizer_missing_experts": ("glm4_moe", _hooks(optimizer=_optimizer_without_experts)),
     "lr_schedule_off": ("kimi_k25", _hooks(lr_at=_lr_doubled)),
     "shared_expert_frozen": ("glm4_moe", lambda s: s.replace(candidate=_patched(s, _shared_expert_detached))),
+    "router_detached_in_bf16": ("kimi_k25", lambda s: s.replace(cast=_cast_detaching_router_in_bf16)),
 }
 
 

@@ -46,3 +46,20 @@ def test_unbroken_arch_passes(pytester, arch, suite):
     result, reports = run_suites(pytester, "--arch", arch, "-k", "faithful", suite=suite)
     statuses = {name: c["status"] for name, c in checks_by_name(reports[arch]).items()}
     assert statuses and set(statuses.values()) <= {"passed", "skipped", "not_applicable"}, statuses
+
+
+def test_the_bf16_profile_checks_gradient_flow_in_bf16(pytester):
+    """--dtype bf16 runs the gradient-flow checks on the candidate cast to bf16: a router that only
+    the bf16 path detaches fails there, naming it, and passes the same check in fp32."""
+    check = "test_router_weights_get_gradient[kimi_k25_router_detached_in_bf16-faithful]"
+    source = "import planted_training\nARCH = planted_training.build('router_detached_in_bf16')\n"
+    statuses = {}
+    for dtype in ("bf16", "float32"):
+        _, reports = run_suites(pytester, "--dtype", dtype, "-k", "faithful and test_router_weights_get_gradient",
+                                suite="test_router_grad.py", plugin_source=source, plugin_name=f"planted_router_{dtype}")
+        found = checks_by_name(reports["kimi_k25_router_detached_in_bf16"])[check]
+        statuses[dtype] = found["status"]
+        if dtype == "bf16":
+            assert "router weights get no usable gradient" in found["message"], found["message"]
+            assert "layers.1.moe.router.gate.weight: no gradient" in found["message"], found["message"]
+    assert statuses == {"bf16": "failed", "float32": "passed"}, statuses
