@@ -15,6 +15,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe_conformance import report  # noqa: E402
+
 SHORT = {"passed": "p", "failed": "F", "error": "E", "interrupted": "I", "blocked": "B", "xfailed": "x",
          "xpassed": "X", "skipped": "s", "not_applicable": "na"}
 
@@ -31,9 +35,8 @@ def main(folders: list[str]) -> None:
     total: Counter = Counter()
     reasons: dict[str, Counter] = defaultdict(Counter)
     for r in reports:
-        per: dict[str, Counter] = defaultdict(Counter)
+        per = defaultdict(Counter, report.family_counts(r["checks"]))
         for c in r["checks"]:
-            per[c["family"]][c["status"]] += 1
             total[c["status"]] += 1
             if c["status"] in ("xfailed", "skipped", "failed", "error", "interrupted"):
                 why = (c.get("message") or "").split("\n")[0]

@@ -247,7 +247,7 @@ class Conformance:
             spec = self._spec(ref.arch)
             xf = spec.expected_failure(item.originalname, family_of(item), ref.variant, item.name, self.dtype, self.device)
             if xf is not None:
-                item.add_marker(pytest.mark.xfail(reason=xf.reason, strict=xf.strict))
+                item.add_marker(pytest.mark.xfail(reason=xf.reason, strict=xf.strict_in(self.dtype)))
         rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
         items.sort(key=lambda it: rank.get(family_of(it), len(rank)))  # stable: file order within a family
 

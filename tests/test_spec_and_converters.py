@@ -74,3 +74,14 @@ def test_disk_prefix_applies_both_ways():
     assert set(conv.to_hf(conv.to_candidate(sd))) == set(sd)
     with pytest.raises(ConversionError):
         conv.to_candidate(_tiny_checkpoint())  # released naming is required
+
+
+def test_a_logits_level_expected_failure_is_strict_in_fp32_only():
+    """llama4's and gpt_oss's reference bugs move logits; the bf16 profile gates routing, so there
+    they may pass (seen on an H200 and on CPU): strict in fp32, xpassed under bf16."""
+    known, _ = discover()
+    for arch in ("llama4", "gpt_oss"):
+        spec, test_id = known[arch].load(), f"test_logit_parity[{arch}-faithful-packed]"
+        for dtype, strict in (("float32", True), ("bfloat16", False)):
+            xf = spec.expected_failure("test_logit_parity", "logit_parity", "faithful", test_id, dtype)
+            assert xf is not None and xf.strict_in(dtype) is strict, (arch, dtype)

@@ -1,5 +1,6 @@
-"""The kernel check set's hypothesis profiles, registered when the pytest plugin is imported so
-that hypothesis' own ``--hypothesis-profile NAME`` can select them.
+"""The kernel check set's hypothesis profiles. They are registered on import: by strategies.py, and
+by the pytest plugin when hypothesis' own ``--hypothesis-profile NAME`` names one of them, before
+hypothesis loads it.
 
 - ``moe-conformance-ci`` (what every run uses): deterministic, few examples, no deadline (the
   Triton interpreter is slow and its speed varies), no example database.

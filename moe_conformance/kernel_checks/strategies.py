@@ -67,8 +67,6 @@ class ExpertsCase:
                 f"K={self.top_k} dist={self.distribution} seed={self.seed}")
 
 
-
-
 def routing_configs() -> st.SearchStrategy[RoutingConfig]:
     """Any routing config: softmax (Mixtral/Qwen style) or sigmoid (DeepSeek style)."""
     softmax = st.builds(RoutingConfig, scoring=st.just("softmax"), norm_topk_prob=st.booleans())
