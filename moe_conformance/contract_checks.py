@@ -24,8 +24,10 @@ Items and what depends on them:
 from __future__ import annotations
 
 import copy
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -60,13 +62,21 @@ def check_forward(case) -> str | None:
     except Exception as exc:  # noqa: BLE001
         return f"building the candidate from the config raised {type(exc).__name__}: {exc}"
     vocab = case.model_config.vocab_size
+    low_precision = case.dtype != torch.float32
+    if low_precision:  # the profile's checks run the candidate cast; a forward that cannot is one cause
+        dtype = str(case.dtype).removeprefix("torch.")
+        try:
+            model = case.spec.cast(model, case.dtype, frozenset())
+        except Exception as exc:  # noqa: BLE001
+            return f"ArchSpec.cast(candidate, {dtype}) raised {type(exc).__name__}: {exc}{_where(exc)}"
     for name, batch in case.batches.items():
         try:
             with torch.no_grad():
                 out = model(**batch.kwargs)
         except Exception as exc:  # noqa: BLE001
-            return (f"forward(input_ids=, attention_mask=, position_ids=) by keyword on '{name}' inputs raised "
-                    f"{type(exc).__name__}: {exc}")
+            cast = f"the candidate cast to {dtype} (ArchSpec.cast, --dtype {dtype}): " if low_precision else ""
+            return (f"{cast}forward(input_ids=, attention_mask=, position_ids=) by keyword on '{name}' inputs raised "
+                    f"{type(exc).__name__}: {exc}{_where(exc)}")
         logits = _logits(out)
         if logits is None:
             return (f"forward returned a {type(out).__name__}: expected logits as a tensor, an object with .logits, "
@@ -77,6 +87,17 @@ def check_forward(case) -> str | None:
         if not torch.isfinite(logits[batch.valid]).all():
             return f"forward on '{name}' inputs returned non-finite logits at valid positions"
     return None
+
+
+def _where(exc: BaseException) -> str:
+    """', at FILE:LINE in FUNCTION': the innermost frame outside torch, where the candidate's own
+    code called what raised."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if f"{os.sep}torch{os.sep}" not in frame.filename and not frame.filename.endswith("contract_checks.py"):
+            return f", at {Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    return ""
 
 
 def _mutation(state_before: dict[str, str], state: dict[str, torch.Tensor]) -> list[str]:

@@ -54,3 +54,18 @@ def test_a_transformers_candidate_with_its_cache_on_mixes_packed_documents(pytes
     failed = {n: c for n, c in checks.items() if c["status"] == "failed"}
     assert set(failed) == {"test_logit_parity[hf_qwen3_moe_cached-faithful-packed]"}, set(failed)
     assert "packed documents attending across their boundaries" in next(iter(failed.values()))["message"]
+
+
+def test_a_candidate_that_cannot_run_in_bf16_is_one_root_cause(pytester):
+    """Tried as a user: the hand-written model computes its rotary angles in fp32 and so fails in
+    bf16 (fp32 queries into bf16 weights). Under --dtype bf16 the contract's forward item runs the
+    cast candidate and names that, with the line in the model; the profile's checks are blocked
+    by it instead of each failing with the same RuntimeError."""
+    _, reports = _run(pytester, "plain_plugin.py", "--dtype", "bf16", "--family", "contract,logit_parity,router_grad")
+    checks = checks_by_name(reports["plain_mixtral"])
+    forward = checks["test_contract_forward[plain_mixtral-faithful]"]
+    assert forward["status"] == "failed", forward
+    for part in ("the candidate cast to bfloat16 (ArchSpec.cast", "RuntimeError", "plain_moe.py:"):
+        assert part in forward["message"], forward["message"]
+    others = {c["status"] for n, c in checks.items() if c["family"] != "contract"}
+    assert others <= {"blocked", "not_applicable"} and "blocked" in others, others
