@@ -8,10 +8,15 @@ For every built-in arch variant and several seeds (fp32, one thread, as the suit
 - aux loss / z-loss: |candidate training code on candidate logits - fp64 formula on reference
   logits| relative, on a right-padded batch;
 - aux-loss-free balancing: the imbalance ratio (last / first) reached from the skewed start;
-- SFT: max |loss_cand - loss_ref| over the first steps and over the whole run, and the loss
-  ratio (mean of the last steps / first step), for candidate and reference.
+- SFT: max |loss_cand - loss_ref| over the first steps and over the whole run, the loss
+  ratio (mean of the last steps / first step), for candidate and reference, and the largest
+  error of a selection-bias update as stored in the candidate (and, for information, in the
+  reference: transformers' MiniMax-M2 keeps its bias in bf16 under bf16).
 
-    .venv/bin/python benchmarks/training_noise_floor.py [--seeds 5] [--arch glm4_moe,kimi_k25]
+With ``--dtype bfloat16``, the bf16 production profile's SFT: both sides compute in bf16 and
+train fp32 master weights (the suite's own run); only the SFT figures are measured.
+
+    .venv/bin/python benchmarks/training_noise_floor.py [--seeds 5] [--arch glm4_moe,kimi_k25] [--dtype bfloat16]
 
 Prints a Markdown table and the maxima; moe_conformance/tolerances.py quotes them.
 """
@@ -83,13 +88,16 @@ def sft_floor(case: ArchCase) -> dict[str, float]:
     w = sft.FINAL_WINDOW
     return {"loss_delta_early": max(d[:sft.EARLY_STEPS]), "loss_delta_max": max(d),
             "loss_ratio": max(sum(c[-w:]) / w / c[0], sum(r[-w:]) / w / r[0]),
-            "imbalance_final": max(run.candidate.load_imbalance[-w:]), "sft_seconds": run.seconds}
+            "imbalance_final": max(run.candidate.load_imbalance[-w:]), "sft_seconds": run.seconds,
+            "bias_update_error": max(run.candidate.bias_update_error, default=0.0),
+            "reference_bias_update_error": max(run.reference.bias_update_error, default=0.0)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--arch", default=None, help="comma-separated archs (default: every built-in)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     known, _ = discover()
@@ -99,14 +107,17 @@ def main() -> None:
         spec = known[name].load()
         for variant in spec.variants:
             for seed in range(args.seeds):
-                case = ArchCase(spec, variant.name, seed=seed)
-                figures = {**grad_floor(case), **loss_floor(case), **balance(case), **sft_floor(case)}
+                case = ArchCase(spec, variant.name, seed=seed, dtype=args.dtype)
+                if args.dtype == "float32":
+                    figures = {**grad_floor(case), **loss_floor(case), **balance(case), **sft_floor(case)}
+                else:
+                    figures = sft_floor(case)
                 rows.append((case.id, seed, figures))
                 for k, v in figures.items():
                     worst[k] = max(worst.get(k, 0.0), v)
                 print(f"{case.id} seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()), file=sys.stderr, flush=True)
     cols = ["grad_max", "grad_vs_fp64_max", "aux_rel", "z_rel", "balance_ratio", "loss_delta_early", "loss_delta_max",
-            "loss_ratio", "imbalance_final"]
+            "loss_ratio", "imbalance_final", "bias_update_error", "reference_bias_update_error"]
     print("| case | seed | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for case_id, seed, f in rows:

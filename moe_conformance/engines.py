@@ -126,7 +126,8 @@ class CandidateEngine(Engine):
 
         self.case = case
         self.device = case.device
-        self.model = case.candidate(state={k: v.detach().clone() for k, v in state.items()}).eval()
+        # in the case's dtype, cast as the trainer's policy is (the bf16 profile samples in bf16)
+        self.model = case.candidate(state={k: v.detach().clone() for k, v in state.items()}, dtype=case.dtype).eval()
         self.tap = routing_tap(case, self.model, "cand")
         self.reports_routing = "indices" in case.routing_fields()
 

@@ -18,6 +18,10 @@ From a short SFT warm start (``RLConfig.warm_steps`` steps of the task loss), fo
    ``kl_coef`` in the loss;
 6. one AdamW step (grad-norm clipping), then ``engine.load(new weights)``.
 
+Under the bf16 profile (``--dtype bf16``) the policy, the default engine and the frozen reference
+compute in bf16 (the candidate as its plugin casts it) and the optimizer steps fp32 master
+weights (``training.MasterWeightAdamW``), as production RL trains.
+
 Everything is seeded (prompts, sampling generator, warm-start batches) and runs single-threaded
 under the suites, so serial and pytest-xdist runs give the same figures.
 """
@@ -156,9 +160,10 @@ class RLRun:
 
 
 def warm_start(case, cfg: RLConfig) -> tuple[torch.nn.Module, list[float]]:
-    """A short SFT on the reverse-text task so that rewards are not all noise."""
+    """A short SFT on the reverse-text task so that rewards are not all noise (under the bf16
+    profile the candidate computes in bf16 and the optimizer steps fp32 master weights)."""
     tok = tokenizer.load()
-    model = case.candidate().train()
+    model = case.candidate(dtype=case.dtype).train()
     tcfg = training.TrainConfig(steps=cfg.warm_steps, lr=cfg.warm_lr, warmup=1)
     opt = training.build_optimizer(model, tcfg)
     losses = []

@@ -134,8 +134,36 @@ PROFILES: dict[tuple[str, str], Profile] = {
             "loss_delta_max": Gate(1.0),
             # the LR applied vs the schedule: exact in practice (0); gate for float formatting only
             "lr_rel_delta": Gate(1e-6),
+            # each bias update as stored vs bias + rate * sign(mean - load) in fp32: floor 0 (the
+            # same fp32 ops); gate 1e-6, 2 ulps at |bias| ~8. A bf16 bias rounds by >= 1e-3.
+            "bias_update_error": Gate(1e-6),
         },
         why="SFT curves: chaos-limited agreement gates from the measured worst case over 5 seeds",
+    ),
+    # Floors from `python benchmarks/training_noise_floor.py --seeds 3 --dtype bfloat16` (every built-in
+    # arch variant x 3 seeds, 2-core CPU: benchmarks/results/training_noise_floor_bf16.md). Both sides
+    # compute in bf16 from production-scale weights and step fp32 master weights (MasterWeightAdamW).
+    ("sft", "bfloat16"): Profile(
+        gates={
+            # worst 0.84 (glm4_moe_lite; production-scale weights learn slower than the fp32
+            # profile's adversarial init; ernie4_5_moe 0.12-0.19); a model that does not learn
+            # stays near 1.0. Gate 0.9.
+            "loss_ratio": Gate(0.9),
+            # step 0 and the first update: worst 1.2e-2 (ernie4_5_moe vllm_sized; most archs
+            # < 1e-3); gate 5e-2 (4x)
+            "loss_delta_early": Gate(5e-2),
+            # all 24 steps, bf16 routing flips compounding: worst 0.80 (deepseek_v3 vllm_sized);
+            # gate 2.0 (2.5x), a crash or divergence bound
+            "loss_delta_max": Gate(2.0),
+            "lr_rel_delta": Gate(1e-6),
+            # the candidate's fp32 bias: floor 0 in all 108 runs; gate 1e-6. A bias kept in bf16
+            # rounds updates by ~1e-2 (transformers' MiniMax-M2 reference does: 1.1e-2)
+            "bias_update_error": Gate(1e-6),
+            # elements > 1 bf16 step off master-weight AdamW after 8 steps at lr 1e-5: floor 0
+            # (same fp32 math); gate 1e-3. Plain AdamW on bf16 weights: most elements.
+            "small_update_mismatch": Gate(1e-3),
+        },
+        why="bf16 SFT with fp32 master weights: curve gates 2.5-4x the measured bf16 worst case, update gates at float rounding",
     ),
     # Floors from `python benchmarks/rl_noise_floor.py --seeds 3` (every built-in arch variant x 3 seeds, 2-core
     # CPU, one thread): benchmarks/results/rl_noise_floor.md.
@@ -184,6 +212,32 @@ PROFILES: dict[tuple[str, str], Profile] = {
             "routing_flip_rate": Gate(0.005),
         },
         why="RL loop health and engine/trainer agreement: gates from benchmarks/rl_noise_floor.py",
+    ),
+    # Floors from `python benchmarks/rl_noise_floor.py --seeds 3 --dtype bfloat16` (every built-in arch
+    # variant x 3 seeds, 108 runs, 2-core CPU: benchmarks/results/rl_noise_floor_bf16.md). Policy,
+    # engine (the candidate with its KV cache) and frozen reference in bf16 from production-scale
+    # weights; the optimizer steps fp32 master weights.
+    ("rl", "bfloat16"): Profile(
+        gates={
+            # engine vs trainer on the sampled tokens: worst max|delta logprob| 0.15 (ernie4_5_moe
+            # vllm_sized; every other arch <= 0.023), worst |k3 mismatch KL| 2.1e-4 (same run; others
+            # <= 8.3e-6). Gates 0.5 (3x) and 2e-3 (10x). Planted in bf16 (kimi_k25, qwen3_moe): temperature
+            # on the logprobs gives mismatch KL 1.19 (600x), an engine on stale weights 0.069 (35x).
+            "mismatch_max": Gate(0.5),
+            "mismatch_kl": Gate(2e-3),
+            # smallest KL after the first update 0.0061 (gpt_oss square_experts); gate 1e-3 (6x below)
+            "kl_after_update": Gate(1e-3),
+            # same weights, same bf16 forward at step 0: 0 exactly, as in fp32
+            "kl_step0": Gate(1e-6),
+            "kl_estimator_rel_delta": Gate(1e-6),
+            # smallest loss spread 0.0139 (gpt_oss vllm_sized); gate 10x below it
+            "loss_spread": Gate(0.0014, at_least=True),
+            "reward_gap": Gate(0.05, at_least=True),
+            # routing flips rollout vs training forward: worst 0.17% (glm4_moe_lite); gate 0.5% (2.9x). An
+            # engine holding the correction bias in bf16 flips 19.6% of kimi_k25's (39x).
+            "routing_flip_rate": Gate(0.005),
+        },
+        why="bf16 RL loop: engine/trainer agreement gates 3-10x the measured bf16 worst case, loop-health gates 6-10x below its smallest",
     ),
     # Floors from `python benchmarks/ep_gpu.py --device cpu --max-ranks 4 --seeds 3 --arch all` (gloo, every
     # built-in arch's faithful variant x 3 seeds x 2..4 ranks, 2-core CPU, one thread per rank): the native EP

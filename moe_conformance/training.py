@@ -68,11 +68,43 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW for a model that computes in low precision, as production trains: every bf16/fp16
+    parameter has an fp32 master copy that holds the optimizer's state and takes the update, and
+    the model's parameter gets the master rounded to its dtype after each step. Plain AdamW on
+    bf16 weights loses every update under half a weight's bf16 spacing: at lr 3e-3 a norm
+    weight near 1 (spacing 2^-7) never moves."""
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self._masters = {p: p.detach().float() for g in self.param_groups for p in g["params"]
+                         if p.is_floating_point() and p.dtype != torch.float32}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        swapped = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                master = self._masters.get(p)
+                if master is not None and p.grad is not None:
+                    swapped.append((p, p.data, p.grad))
+                    p.data, p.grad = master, p.grad.float()
+        try:
+            return super().step(closure)
+        finally:
+            for p, low, grad in swapped:
+                low.copy_(p.data)
+                p.data, p.grad = low, grad
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with decoupled decay on matrices only; with fp32 master weights when the model's
+    parameters are in low precision (the bf16 profile), plain otherwise."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW(
+    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+    return (MasterWeightAdamW if low_precision else torch.optim.AdamW)(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False,
     )
@@ -422,6 +454,10 @@ class SideLog:
     load_imbalance: list[float] = field(default_factory=list)
     aux_loss: list[float] = field(default_factory=list)
     z_loss: list[float] = field(default_factory=list)
+    # max |bias after the update - (bias before + rate * sign(mean load - load))| over layers: the
+    # update as stored in the model's own selection-bias tensor (a bf16 bias rounds it)
+    bias_update_error: list[float] = field(default_factory=list)
+    bias_update_worst: list[str] = field(default_factory=list)  # that layer's bias tensor and dtype
     error: str | None = None
 
 
@@ -433,6 +469,9 @@ class SFTRun:
     cand_model: torch.nn.Module
     ref_model: torch.nn.Module
     initial_cand_state: dict[str, torch.Tensor]
+    # on-disk keys of the reference parameters that ended where they started (in bf16, an
+    # update under half a weight's spacing leaves the bf16 value as it was; fp32: none)
+    unchanged_reference_keys: frozenset[str]
     not_in_optimizer: list[str]
     seconds: float = 0.0
 
@@ -450,7 +489,7 @@ class _Side:
         self.router_losses = "logits" in case.routing_fields()
         self.biases = []
         if case.spec.capabilities.correction_bias:
-            self.biases = [f[1] if f is not None else None for f in selection_biases(case, model, side)]
+            self.biases = [f if f is not None else (None, None) for f in selection_biases(case, model, side)]
         self.log = SideLog()
 
     def step(self, step: int, batch: TrainBatch) -> None:
@@ -476,9 +515,17 @@ class _Side:
         log.lr.append(float(self.opt.param_groups[0]["lr"]))
         self.opt.step()
         layer_loads = [loads(idx, self.E, batch.valid) for idx in self.tap.indices]
-        for bias, load in zip(self.biases, layer_loads):
+        error, worst = 0.0, ""
+        for (name, bias), load in zip(self.biases, layer_loads):
             if bias is not None:
+                want = bias.detach().float().clone()
+                bias_update(want, load, cfg.bias_rate)
                 self.hooks.bias_update(bias, load, cfg.bias_rate)
+                err = float((bias.detach().float() - want).abs().max())
+                if err > error or not worst:
+                    error, worst = err, f"{name} ({bias.dtype})"
+        log.bias_update_error.append(error)
+        log.bias_update_worst.append(worst)
         log.loss.append(float(ce.detach()))
         log.total.append(float(total.detach()))
         log.grad_norm.append(float(norm))
@@ -498,9 +545,12 @@ def run_sft(case, hooks: TrainingHooks, cfg: TrainConfig = TrainConfig()) -> SFT
 
     start = time.perf_counter()
     batches = [b.to(case.device) for b in data.batches(tokenizer.load(), cfg.steps, cfg.batch_size, case.case_seed)]
-    ref, cand = case.reference().train(), case.candidate().train()
+    # under the bf16 profile both sides compute in bf16 (the candidate through its plugin's cast, the
+    # reference keeping what its class keeps in fp32) and train with the optimizer's master weights
+    ref, cand = case.reference(dtype=case.dtype).train(), case.candidate(dtype=case.dtype).train()
     # by parameter name: a candidate's parameter names may differ from its state-dict keys
     initial = {k: v.detach().clone() for k, v in cand.named_parameters()}
+    initial_ref = {k: v.detach().clone() for k, v in ref.named_parameters()}
     sides = {"ref": _Side(case, ref, REFERENCE_HOOKS, "ref", cfg), "cand": _Side(case, cand, hooks, "cand", cfg)}
     in_opt = {id(p) for g in sides["cand"].opt.param_groups for p in g["params"]}
     not_in_optimizer = [n for n, p in cand.named_parameters() if id(p) not in in_opt]
@@ -511,5 +561,6 @@ def run_sft(case, hooks: TrainingHooks, cfg: TrainConfig = TrainConfig()) -> SFT
             except Exception as exc:  # noqa: BLE001 - a crash is a finding, reported by the checks
                 side.log.error = f"step {step}: {type(exc).__name__}: {exc}"
                 break
-    return SFTRun(cfg, sides["cand"].log, sides["ref"].log, cand.eval(), ref.eval(), initial, not_in_optimizer,
+    unchanged_ref = frozenset(reference_disk_name(case, k) for k, v in ref.named_parameters() if torch.equal(v.detach(), initial_ref[k]))
+    return SFTRun(cfg, sides["cand"].log, sides["ref"].log, cand.eval(), ref.eval(), initial, unchanged_ref, not_in_optimizer,
                   time.perf_counter() - start)

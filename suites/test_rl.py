@@ -1,4 +1,5 @@
-"""RL (fp32): a short GRPO-style loop on the reverse-text task (``moe_conformance.rl``) from a
+"""RL (fp32; under ``--dtype bf16`` the production profile: policy, engine and frozen reference
+in bf16, fp32 master weights, gates from a bf16 floor): a short GRPO-style loop on the reverse-text task (``moe_conformance.rl``) from a
 short SFT warm start, with rollouts from an inference engine (the arch's ``rl.engine``; by
 default the candidate with a KV cache; the loop with vLLM rollouts, ``test_rl_vllm``, is in the
 engine_parity family with the other vLLM checks).
@@ -24,7 +25,7 @@ import weakref
 import pytest
 
 from moe_conformance import replay, rl, tolerances
-from moe_conformance.checks import all_of, conformance, needs_forcing, needs_routing_field
+from moe_conformance.checks import ANY_DTYPE, all_of, conformance, needs_forcing, needs_routing_field
 
 _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -36,7 +37,7 @@ def _run(arch) -> rl.RLRun:
 
 
 def _profile(arch):
-    return tolerances.profile("rl", "float32", arch.spec.tolerances)
+    return tolerances.profile("rl", str(arch.dtype).removeprefix("torch."), arch.spec.tolerances)
 
 
 
@@ -59,6 +60,7 @@ def _curves(arch, run: rl.RLRun, title: str) -> dict:
                        "grad norm": {"before clipping": _r(log.grad_norm)}}}
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_rl_kl(arch, record):
     """KL to the frozen reference: finite at every step, zero before the first update (same
     weights), non-zero and non-negative after it."""
@@ -92,6 +94,7 @@ def test_rl_kl(arch, record):
         arch.fail("KL to the reference policy", problems)
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_rl_loss_and_grads(arch, record):
     """The GRPO loss is finite at every step and not constant; gradient norms finite."""
     run = _run(arch)
@@ -115,6 +118,7 @@ def test_rl_loss_and_grads(arch, record):
         arch.fail("GRPO loss / gradients", problems)
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_rl_engine_mismatch(arch, record):
     """Step 0 (engine and trainer hold the same weights): the engine's logprobs of its own
     samples match the trainer's recomputation."""
@@ -130,6 +134,7 @@ def test_rl_engine_mismatch(arch, record):
         arch.fail(f"engine {run.engine!r} and trainer disagree on logprobs at step 0", problems + rl.diagnose(run, [0], gates))
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_rl_engine_follows_updates(arch, record):
     """After every weight update the engine serves the new weights: the mismatch stays at the
     step-0 gate (an engine holding stale weights drifts by the size of the update)."""
@@ -147,6 +152,7 @@ def test_rl_engine_follows_updates(arch, record):
               problems[:4] + rl.diagnose(run, steps, gates))
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_rl_kl_estimator(arch, record):
     """The KL estimator computes the definition it is named after, on the run's own (logp,
     ref_logp) pairs of the last step (where policy and reference differ)."""
@@ -178,6 +184,7 @@ def test_rl_kl_estimator(arch, record):
                f"{float(got.mean()):.4g}, definition {float(want.mean()):.4g}", *hints])
 
 
+@conformance(dtypes=ANY_DTYPE)
 def test_rl_reward(arch, record):
     """The reward scores the answer: the exact reversal of each prompt gets the top reward, a
     wrong answer (the prompt itself, an empty answer, another prompt's reversal) clearly less;
@@ -212,7 +219,8 @@ def test_rl_reward(arch, record):
         arch.fail(f"the reward does not score the answer (gate: exact - best wrong >= {gap_gate:.3g})", problems)
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("indices"))
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("indices"),
+             dtypes=ANY_DTYPE)
 def test_rl_routing_consistency(arch, record):
     """The experts the engine chose for each token during rollout (prefill and every decoded
     token) equal those of the training forward over the same sequence: flip rate per MoE layer."""

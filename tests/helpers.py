@@ -57,12 +57,13 @@ def checks_by_name(report: dict) -> dict[str, dict]:
     return {c["name"]: c for c in report["checks"]}
 
 
-def run_planted_bug(pytester, module: str, bug: str, suite: str, variant: str, check: str, fragments: list[str]):
-    """Run ``suite`` on ``<module>.build(bug)`` and assert that ``check`` failed (on every
-    parametrization that did fail) with a message holding each fragment. Returns the failing
-    check records by test name."""
+def run_planted_bug(pytester, module: str, bug: str, suite: str, variant: str, check: str, fragments: list[str],
+                    args: tuple[str, ...] = ()):
+    """Run ``suite`` (with ``args``) on ``<module>.build(bug)`` and assert that ``check`` failed
+    (on every parametrization that did fail) with a message holding each fragment. Returns the
+    failing check records by test name."""
     result, reports = run_suites(
-        pytester, "-k", variant, suite=suite, plugin_name=f"{module}_{bug}",
+        pytester, "-k", variant, *args, suite=suite, plugin_name=f"{module}_{bug}",
         plugin_source=f"import {module}\nARCH = {module}.build({bug!r})\n",
     )
     (report,) = reports.values()

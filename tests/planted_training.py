@@ -94,6 +94,28 @@ def _cast_detaching_router_in_bf16(model, dtype, keep_fp32=frozenset()):
     return model
 
 
+def _cast_taking_the_bias_along(model, dtype, keep_fp32=frozenset()):
+    # a cast that takes the selection bias along into bf16 (past the native Router's own fp32
+    # guard): every aux-loss-free update to it is rounded
+    model = default_cast(model, dtype, keep_fp32)
+
+    def unguard(r):
+        r._apply = types.MethodType(torch.nn.Module._apply, r)
+        r._buffers["expert_bias"] = r.expert_bias.to(dtype)
+
+    _each(model, Router, unguard)
+    return model
+
+
+def _adamw_on_bf16_weights(model, cfg):
+    # plain AdamW straight on the bf16 parameters: no fp32 master copy, so an update under half a
+    # weight's bf16 spacing is lost
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
 def _hooks(**kw):
     return lambda s: s.replace(training=training.TrainingHooks(**kw))
 
@@ -108,6 +130,8 @@ BUGS = {
     "lr_schedule_off": ("kimi_k25", _hooks(lr_at=_lr_doubled)),
     "shared_expert_frozen": ("glm4_moe", lambda s: s.replace(candidate=_patched(s, _shared_expert_detached))),
     "router_detached_in_bf16": ("kimi_k25", lambda s: s.replace(cast=_cast_detaching_router_in_bf16)),
+    "bias_cast_to_bf16": ("kimi_k25", lambda s: s.replace(cast=_cast_taking_the_bias_along)),
+    "optimizer_without_master_weights": ("glm4_moe", _hooks(optimizer=_adamw_on_bf16_weights)),
 }
 
 

@@ -132,6 +132,8 @@ INDEX = {
     "test_sft_all_parameters_train": "tests/test_training_bugs.py::test_planted_training_bug_is_caught[optimizer_missing_experts]",
     "test_sft_router_health": "tests/test_every_check_can_fail.py::test_planted_bug_fails_another_check[bias_update_reversed-test_sft_router_health]",
     "test_sft_checkpoint_reloads": "tests/test_every_check_can_fail.py::test_planted_bug_fails_another_check[stale_export-test_sft_checkpoint_reloads]",
+    "test_sft_selection_bias_updates": "tests/test_training_bugs.py::test_planted_bf16_training_bug_is_caught[bias_cast_to_bf16]",
+    "test_sft_optimizer_keeps_small_updates": "tests/test_training_bugs.py::test_planted_bf16_training_bug_is_caught[optimizer_without_master_weights]",
     # rl and engines
     "test_rl_kl": "tests/test_rl_bugs.py::test_planted_rl_bug_is_caught[kl_zero]",
     "test_rl_loss_and_grads": "tests/test_every_check_can_fail.py::test_planted_bug_fails_another_check[nan_gradients-test_rl_loss_and_grads]",

@@ -69,3 +69,17 @@ def test_a_candidate_that_cannot_run_in_bf16_is_one_root_cause(pytester):
         assert part in forward["message"], forward["message"]
     others = {c["status"] for n, c in checks.items() if c["family"] != "contract"}
     assert others <= {"blocked", "not_applicable"} and "blocked" in others, others
+
+
+def test_a_foreign_candidate_trains_under_the_bf16_profile(pytester):
+    """transformers' Qwen3-MoE as a candidate (foreign code, reached through the contract) under
+    --dtype bf16: SFT and the RL loop run it cast to bf16, stepping fp32 master weights, and
+    every sft and rl check with bf16 gates runs to a pass."""
+    _, reports = _run(pytester, "hf_candidate_plugin.py", "--dtype", "bf16", "--family", "sft,rl")
+    checks = checks_by_name(reports["hf_qwen3_moe"])
+    statuses = {n.split("[")[0]: c["status"] for n, c in checks.items()}
+    bad = {n: c["message"][:300] for n, c in checks.items() if c["status"] not in ("passed", "not_applicable")}
+    assert not bad, bad
+    for check in ("test_sft_matches_reference", "test_sft_optimizer_keeps_small_updates", "test_sft_all_parameters_train",
+                  "test_rl_kl", "test_rl_engine_mismatch", "test_rl_engine_follows_updates", "test_rl_routing_consistency"):
+        assert statuses.get(check) == "passed", (check, statuses)

@@ -69,3 +69,23 @@ def test_unbroken_arch_passes_rl_suites(pytester, arch):
     result, reports = run_suites(pytester, "--arch", arch, "-k", "faithful", suite="test_engine_parity.py")
     statuses.update({name: c["status"] for name, c in checks_by_name(reports[arch]).items()})
     assert statuses and set(statuses.values()) <= {"passed", "skipped", "not_applicable"}, statuses
+
+
+# the bf16 production profile (--dtype bf16: policy, engine and reference in bf16, gates from
+# benchmarks/results/rl_noise_floor_bf16.md) catches the same faults with its own gates
+BF16 = ["kl_zero", "routing_differs", "stale_engine_weights", "temperature_on_logprobs"]
+
+
+@pytest.mark.parametrize("bug", BF16)
+def test_planted_rl_bug_is_caught_in_bf16(pytester, bug):
+    suite, check, fragments = EXPECTED[bug]
+    run_planted_bug(pytester, "planted_rl", bug, suite, "faithful", check, fragments, args=("--dtype", "bf16"))
+
+
+@pytest.mark.parametrize("arch", ["kimi_k25", "qwen3_moe"])
+def test_unbroken_arch_passes_rl_in_bf16(pytester, arch):
+    """The control for the bf16 plants: the same archs pass the rl suite under --dtype bf16."""
+    result, reports = run_suites(pytester, "--arch", arch, "--dtype", "bf16", "-k", "faithful", suite="test_rl.py")
+    statuses = {name: c["status"] for name, c in checks_by_name(reports[arch]).items()}
+    assert statuses and set(statuses.values()) <= {"passed", "skipped", "not_applicable"}, statuses
+    assert sum(s == "passed" for s in statuses.values()) >= 6, statuses

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import planted_training
 from helpers import checks_by_name, run_planted_bug, run_suites
 
 # bug -> (suite, variant, failing check (test name prefix), fragments its message must hold)
@@ -63,3 +64,33 @@ def test_the_bf16_profile_checks_gradient_flow_in_bf16(pytester):
             assert "router weights get no usable gradient" in found["message"], found["message"]
             assert "layers.1.moe.router.gate.weight: no gradient" in found["message"], found["message"]
     assert statuses == {"bf16": "failed", "float32": "passed"}, statuses
+
+
+# bf16-only training bugs: (suite, check, fragments of the bf16 failure)
+BF16_EXPECTED = {
+    "bias_cast_to_bf16": ("test_sft.py", "test_sft_selection_bias_updates",
+                          ["the selection bias does not take the bias update as defined",
+                           "layers.1.moe.router.expert_bias (torch.bfloat16)", "keep it fp32"]),
+    "optimizer_without_master_weights": ("test_sft.py", "test_sft_optimizer_keeps_small_updates",
+                                         ["the optimizer loses updates smaller than the bf16 spacing",
+                                          "small_update_mismatch", "keep fp32 master weights"]),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(BF16_EXPECTED))
+def test_planted_bf16_training_bug_is_caught(pytester, bug):
+    """Under --dtype bf16 the bug fails its check with its message; in fp32 the same check passes
+    or does not apply (the bug is bf16's alone)."""
+    suite, check, fragments = BF16_EXPECTED[bug]
+    arch = planted_training.BUGS[bug][0] + "_" + bug
+    source = f"import planted_training\nARCH = planted_training.build({bug!r})\n"
+    statuses = {}
+    for dtype in ("bf16", "float32"):
+        _, reports = run_suites(pytester, "--dtype", dtype, "-k", f"faithful and {check}", suite=suite,
+                                plugin_source=source, plugin_name=f"planted_{bug}_{dtype}")
+        (found,) = [c for name, c in checks_by_name(reports[arch]).items() if name.startswith(check + "[")]
+        statuses[dtype] = found["status"]
+        if dtype == "bf16":
+            for fragment in fragments:
+                assert fragment in found["message"], f"{bug}: message lacks {fragment!r}:\n{found['message']}"
+    assert statuses["bf16"] == "failed" and statuses["float32"] in ("passed", "not_applicable"), statuses
