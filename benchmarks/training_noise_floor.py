@@ -13,8 +13,9 @@ For every built-in arch variant and several seeds (fp32, one thread, as the suit
   error of a selection-bias update as stored in the candidate (and, for information, in the
   reference: transformers' MiniMax-M2 keeps its bias in bf16 under bf16).
 
-With ``--dtype bfloat16``, the bf16 production profile's SFT: both sides compute in bf16 and
-train fp32 master weights (the suite's own run); only the SFT figures are measured.
+With ``--dtype bfloat16``, the bf16 production profile: both sides in bf16 (SFT with fp32 master
+weights, the suite's own run); gradients, aux/z-loss and balancing candidate vs reference as the
+suite gates them (no fp64 comparison).
 
     .venv/bin/python benchmarks/training_noise_floor.py [--seeds 5] [--arch glm4_moe,kimi_k25] [--dtype bfloat16]
 
@@ -39,6 +40,18 @@ import test_sft as sft  # noqa: E402
 from moe_conformance import data, tokenizer, training  # noqa: E402
 from moe_conformance.case import ArchCase  # noqa: E402
 from moe_conformance.registry import discover  # noqa: E402
+
+
+def grad_floor_low_precision(case: ArchCase) -> dict[str, float]:
+    """Both in the case's dtype (the bf16 profile), candidate vs reference, as the suite gates."""
+    batch = data.lm_batch(tokenizer.load(), rg.BATCH_SIZE, case.case_seed).to(case.device)
+    ref, cand = case.reference(dtype=case.dtype).train(), case.candidate(dtype=case.dtype).train()
+    training.lm_backward(ref, batch, True)
+    training.lm_backward(cand, batch, False)
+    direct = training.grad_parity(training.reference_disk_grads(case, ref), training.candidate_disk_grads(case, cand)).figures
+    out = {"grad_" + k.removeprefix("grad_rel_delta."): v for k, v in direct.items()}
+    out["grad_max"] = max(direct.values())
+    return out
 
 
 def grad_floor(case: ArchCase) -> dict[str, float]:
@@ -98,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--arch", default=None, help="comma-separated archs (default: every built-in)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--no-sft", action="store_true", help="leave the SFT runs out (the slow part)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     known, _ = discover()
@@ -109,9 +123,11 @@ def main() -> None:
             for seed in range(args.seeds):
                 case = ArchCase(spec, variant.name, seed=seed, dtype=args.dtype)
                 if args.dtype == "float32":
-                    figures = {**grad_floor(case), **loss_floor(case), **balance(case), **sft_floor(case)}
+                    figures = {**grad_floor(case), **loss_floor(case), **balance(case)}
                 else:
-                    figures = sft_floor(case)
+                    figures = {**grad_floor_low_precision(case), **loss_floor(case), **balance(case)}
+                if not args.no_sft:
+                    figures.update(sft_floor(case))
                 rows.append((case.id, seed, figures))
                 for k, v in figures.items():
                     worst[k] = max(worst.get(k, 0.0), v)

@@ -99,8 +99,8 @@ def applicability(info: CheckInfo, case, params: dict) -> str | None:
     if dtype not in info.dtypes:
         return (f"this check has gates for {', '.join(info.dtypes)} only (--dtype {dtype}: the bf16 production "
                 f"profile covers the contract, logit_parity, roundtrip, schema, kernels and dry_run families, "
-                f"router_grad's gradient-flow checks, sft but its router health and checkpoint reload, and rl but routing "
-                f"replay)")
+                f"router_grad's gradient-flow and bias-update checks, sft but its router health and checkpoint reload, "
+                f"and rl but routing replay)")
     if info.applies is None:
         return None
     import inspect

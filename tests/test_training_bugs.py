@@ -94,3 +94,12 @@ def test_planted_bf16_training_bug_is_caught(pytester, bug):
             for fragment in fragments:
                 assert fragment in found["message"], f"{bug}: message lacks {fragment!r}:\n{found['message']}"
     assert statuses["bf16"] == "failed" and statuses["float32"] in ("passed", "not_applicable"), statuses
+
+
+
+# under --dtype bf16 the aux loss's gradient flow is checked on the candidate cast to bf16: the
+# planted aux loss cut from the graph fails it there too
+def test_a_detached_aux_loss_is_caught_in_bf16(pytester):
+    run_planted_bug(pytester, "planted_wave3", "aux_detached", "test_router_grad.py", "faithful",
+                    "test_aux_loss_gradient_flows", ["the aux loss sends no gradient to the routers", "it is detached from the router logits"],
+                    args=("--dtype", "bf16"))
