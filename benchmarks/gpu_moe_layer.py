@@ -11,6 +11,9 @@ One run does everything the report needs, so it fits one lease of the GPU machin
   3. the kernel conformance checks natively on the GPU (bf16, fp16, fp32) and the bf16 noise
      floor of the Triton kernels.
 Results: $OUT (or --out) gets gpu_moe_layer.{md,json}, gpu_kernel_checks.{md,json}, log.
+With --breakdown the run first times each Triton kernel of the layer alone (forward and backward, a
+few block shapes / weight-gradient paths per kind, each checked against the default) into
+breakdown.{md,json}; the report's 'bound' column then names the largest kernels.
 
     python benchmarks/gpu_moe_layer.py                 # on the GPU machine
     TRITON_INTERPRET=1 python benchmarks/gpu_moe_layer.py --smoke   # CPU dry run of the script
@@ -63,18 +66,23 @@ SMOKE_LAYERS = {
                                        norm_topk_prob=True, routed_scaling_factor=2.5)),
 }
 
-# Block-shape presets for the three GEMM families (rows, gate_up, wgrad); the best preset
-# per layer shape (forward+backward time) is reported, like an autotuner would pick.
+# Block-shape presets for the Triton GEMM kinds; the best preset per layer shape (forward+backward
+# time) is reported, like an autotuner would pick. "A" is the module's own defaults (triton_moe's
+# GPU_CONFIG* tables, chosen from the --breakdown timings); the others override some kinds.
+CFG_NAMES = {"rows": "GPU_CONFIG", "gate_up": "GPU_CONFIG_GATE_UP", "dgrad_act": "GPU_CONFIG_DGRAD_ACT",
+             "dgrad_x": "GPU_CONFIG_DGRAD_X", "wgrad": "GPU_CONFIG_WGRAD"}
+PRESET_NOTES = {
+    "A": "the module's defaults",
+    "B": "A with the d act GEMM 3 stages deep",
+    "C": "A with every weight gradient on torch._grouped_mm as dW = (X^T G)^T",
+    "T": "per shape, the fastest variant of each kind in this run's breakdown",
+}
 PRESETS = {
-    "A": (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-          dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-          dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)),
-    "B": (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-          dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-          dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
-    "C": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-          dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-          dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)),
+    "A": {},
+    # the d act GEMM pipelined 3 deep instead of 4 (3 was faster on DeepSeek-V3 at 16k tokens)
+    "B": {"dgrad_act": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)},
+    # every weight gradient on torch._grouped_mm in the orientation of its own autograd, dW = (X^T G)^T
+    "C": {"wgrad_backend": ("grouped_mm", False, True)},
 }
 
 LOG: list[str] = []
@@ -325,11 +333,29 @@ def reference_with_grads(x, idx, w, w_gate, w_up, w_down, grad_out, candidates):
 # ----------------------------------------------------------------------------- timings
 
 
-def set_preset(name):
+_DEFAULTS: dict = {}
+
+
+def set_cfg(kind, cfg):
     from moe_conformance.native.kernels import triton_moe
 
-    rows, gate_up, wgrad = PRESETS[name]
-    triton_moe.GPU_CONFIG, triton_moe.GPU_CONFIG_GATE_UP, triton_moe.GPU_CONFIG_WGRAD = rows, gate_up, wgrad
+    setattr(triton_moe, CFG_NAMES[kind], dict(cfg))
+
+
+TUNED: dict = {}  # per shape tag: the breakdown's fastest variant of each kind (preset "T")
+
+
+def set_preset(name, tag=None):
+    from moe_conformance.native.kernels import triton_moe
+
+    if not _DEFAULTS:
+        _DEFAULTS.update({k: dict(getattr(triton_moe, v)) for k, v in CFG_NAMES.items()})
+        _DEFAULTS["wgrad_backend"] = (triton_moe.WGRAD, triton_moe.WGRAD_SPLIT_DUAL, triton_moe.WGRAD_GROUPED_T)
+    over = TUNED.get(tag, {}) if name == "T" else PRESETS[name]
+    for kind in CFG_NAMES:
+        set_cfg(kind, over.get(kind, _DEFAULTS[kind]))
+    triton_moe.WGRAD, triton_moe.WGRAD_SPLIT_DUAL, triton_moe.WGRAD_GROUPED_T = over.get(
+        "wgrad_backend", _DEFAULTS["wgrad_backend"])
 
 
 def bench_layer(layer: Layer, impl, device, reps, warmup):
@@ -350,6 +376,192 @@ def bench_layer(layer: Layer, impl, device, reps, warmup):
     fb_ms, _ = time_ms(fwd_bwd, device, warmup=warmup, reps=reps)
     layer.zero_grad()
     return f_ms, fb_ms
+
+
+# --------------------------------------------------------------------------- breakdown
+
+
+def _c(bm, bn, bk, w, st, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, **kw)
+
+
+# Variants the breakdown times per GEMM kind (bf16 on a GPU); the first is the module default.
+BREAKDOWN_VARIANTS = {
+    "gate_up": [None],
+    "rows": [None],
+    "dgrad_act": [None, _c(128, 128, 64, 8, 3, GROUP_M=8)],
+    "dgrad_x": [None],
+    # (WGRAD, WGRAD_SPLIT_DUAL, WGRAD_GROUPED_T) with the default Triton block shape;
+    # None: the module's defaults, the reference the others are checked against
+    "wgrad": [None, ("triton", False, False), ("grouped_mm", False, False), ("grouped_mm", False, True),
+              ("triton", True, False)],
+}
+
+
+def _cfg_str(c):
+    if c is None:
+        return "-"
+    s = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+    return s + (" split" if c.get("SPLIT_DUAL") else "")
+
+
+def _plausible(err):
+    """A variant's scaled error against the first variant: two bf16 roundings apart at most."""
+    return err is None or err <= 2e-2
+
+
+def breakdown(layers, tokens, device, out_dir, reps, dtype=torch.bfloat16, all_variants=True, budget_s=math.inf):
+    """Time every kernel of the Triton layer's forward and backward on its own (CUDA events,
+    median), several block shapes per GEMM kind, each checked against the kind's first variant.
+    Returns the fastest variant of each kind per shape (the benchmark's preset "T")."""
+    set_preset("A")
+    rows_out, best_all, tuned = [], {}, {}
+    t_start = time.perf_counter()
+    for name, spec in layers.items():
+        for T in tokens:
+            tag = f"{name} T={T}"
+            if time.perf_counter() - t_start > budget_s:
+                log(f"breakdown {tag}: skipped (over --breakdown-budget-s)")
+                continue
+            try:
+                _breakdown_shape(name, spec, T, tag, device, dtype, reps, all_variants, rows_out, best_all, tuned)
+            except Exception:
+                log(f"ERROR breakdown {tag}: {traceback.format_exc()}")
+            set_preset("A")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            with open(os.path.join(out_dir, "breakdown.json"), "w") as f:
+                json.dump(rows_out, f, indent=1, default=str)
+    return _breakdown_report(rows_out, out_dir, tuned)
+
+
+def _breakdown_shape(name, spec, T, tag, device, dtype, reps, all_variants, rows_out, best_all, tuned):
+    from moe_conformance.native.kernels import triton_moe as tm
+
+    layer = Layer(spec, T, device, dtype)
+    E, H, I, K = spec["E"], spec["H"], spec["I"], spec["K"]
+    x, dout = layer.x, layer.grad_out
+    wg, wu, wd = (w.detach() for w in (layer.w_gate, layer.w_up, layer.w_down))
+    kw = dict(top_k=K, correction_bias=layer.bias, **spec["routing"])
+    res = []
+
+    def t(piece, variant, fn, ref=None):
+        ms, _ = time_ms(fn, device, warmup=2, reps=reps)
+        err = None
+        if ref is not None:
+            outs = fn()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            refs = ref if isinstance(ref, tuple) else (ref,)
+            err = max(scaled(o, r) for o, r in zip(outs, refs))
+        res.append(dict(piece=piece, variant=variant, ms=ms, err=err))
+        log(f"breakdown {tag} {piece} [{variant}]: {ms:.3f} ms" + (f" err {err:.1e}" if err is not None else ""))
+        return ms
+
+    def sweep(kind, piece, make):
+        best, ref = None, None
+        from moe_conformance.native.kernels import triton_moe as tm_
+
+        default = dict(getattr(tm_, CFG_NAMES[kind]))
+        variants = [v or default for v in BREAKDOWN_VARIANTS[kind]] if all_variants else [default]
+        for i, cfg in enumerate(variants):
+            set_cfg(kind, cfg)
+            try:
+                out = make()
+                if ref is None:
+                    ref = out
+                ms = t(piece, _cfg_str(cfg), make, ref if i else None)
+            except Exception as exc:
+                log(f"breakdown {tag} {piece} [{_cfg_str(cfg)}] failed: {exc!r}"[:400])
+                continue
+            if not _plausible(res[-1]["err"]):
+                log(f"breakdown {tag} {piece} [{_cfg_str(cfg)}] disagrees with the first variant: not picked")
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        set_cfg(kind, best[1] if best else variants[0])
+        best_all.setdefault(tag, {})[kind] = _cfg_str(best[1]) if best else None
+        tuned.setdefault(tag, {})[kind] = dict(best[1] if best else variants[0])
+        return ref
+
+    with torch.no_grad():
+        logits = F.linear(x, layer.router)
+        t("fwd router matmul", "", lambda: F.linear(x, layer.router))
+        t("fwd route", "", lambda: kernels.route(logits, backend="triton", **kw))
+        w, idx = kernels.route(logits, backend="triton", **kw)
+        t("fwd permute + tile map", "", lambda: tm._Plan(idx, E).tiles(128))
+        plan = tm._Plan(idx, E)
+        gate, up, act = sweep("gate_up", "fwd gate_up+swiglu (save)",
+                              lambda: tm._gate_up(plan, x, wg, wu, save_gate_up=True))
+        y = sweep("rows", "fwd down", lambda: tm._rows_gemm(plan, act, tm._linear_view(wd), H, out_dtype=dtype))
+        t("fwd combine", "", lambda: tm.combine_triton(y, plan.perm, w, dtype))
+        # backward pieces, in TritonExperts.backward's order
+        t("bwd router weight grad", "", lambda: tm._weight_grad(plan, dout, y))
+        w_sorted = w.reshape(-1)[plan.perm.sorted_slots].float()
+        d_gate, d_up = sweep("dgrad_act", "bwd d act (+swiglu bwd)", lambda: tm._rows_gemm(
+            plan, dout, tm._transposed_view(wd), I, out_dtype=dtype, gather=True, row_scale=w_sorted,
+            swiglu=(gate, up), kind="dgrad_act"))
+        dx_sorted = sweep("dgrad_x", "bwd d x_sorted (dual)", lambda: tm._rows_gemm(
+            plan, d_gate, tm._transposed_view(wg), H, out_dtype=dtype, a2=d_up, b2=wu, kind="dgrad_x"))
+        t("bwd combine dx", "", lambda: tm.combine_triton(dx_sorted, plan.perm, None, dtype, top_k=K))
+        best = {}
+        refs = {}
+        default = (tm.WGRAD, tm.WGRAD_SPLIT_DUAL, tm.WGRAD_GROUPED_T)
+        wvariants = [v or default for v in BREAKDOWN_VARIANTS["wgrad"]] if all_variants else [default]
+        for knobs in wvariants:
+            backend, split, transposed = knobs
+            vname = backend + (" split" if split else "") + (" X^T G" if transposed else "")
+            tm.WGRAD, tm.WGRAD_SPLIT_DUAL, tm.WGRAD_GROUPED_T = knobs
+            fn_d = (lambda: tm._weight_gemm(plan, dout, act, (E, H, I), out_dtype=dtype, gather_g=True,
+                                            row_scale=w_sorted))
+            fn_gu = (lambda: tm._weight_gemm(plan, d_gate, x, (E, I, H), out_dtype=dtype, gather_x=True, g2=d_up))
+            total = 0.0
+            try:
+                for piece, fn in (("bwd wgrad down", fn_d), ("bwd wgrad gate+up", fn_gu)):
+                    if piece not in refs:
+                        refs[piece] = fn()
+                        total += t(piece, vname, fn)
+                    else:
+                        total += t(piece, vname, fn, refs[piece])
+                    if not _plausible(res[-1]["err"]):
+                        raise RuntimeError("disagrees with the first variant")
+            except Exception as exc:
+                log(f"breakdown {tag} wgrad [{vname}] failed: {exc!r}"[:400])
+                continue
+            if not best or total < best["ms"]:
+                best = dict(ms=total, knobs=knobs, name=vname)
+        del refs
+        tm.WGRAD, tm.WGRAD_SPLIT_DUAL, tm.WGRAD_GROUPED_T = best["knobs"]
+        best_all.setdefault(tag, {})["wgrad"] = best["name"]
+        tuned.setdefault(tag, {})["wgrad_backend"] = best["knobs"]
+        del gate, up, act, y, d_gate, d_up, dx_sorted
+    log(f"breakdown {tag} fastest: {best_all.get(tag)}")
+    rows_out.append(dict(layer=name, T=T, pieces=res, best=best_all.get(tag)))
+    del layer
+
+
+def _breakdown_report(rows_out, out_dir, tuned):
+    lines = ["# Triton MoE layer: per-kernel breakdown", "",
+             "Each kernel alone, median of CUDA-event timed calls; the first variant of a piece is the module's "
+             "default, the others are checked against it (scaled max error).", "",
+             "| layer | tokens | piece | variant | ms | scaled err vs first variant |", "|---|---|---|---|---|---|"]
+    for r in rows_out:
+        for p in r["pieces"]:
+            err = "" if p["err"] is None else f"{p['err']:.1e}"
+            lines.append(f"| {r['layer']} | {r['T']} | {p['piece']} | {p['variant']} | {p['ms']:.3f} | {err} |")
+    lines += ["", "Fastest variant per kind (preset T of the layer benchmark in the same run):", "",
+              "| layer | tokens | fastest variants |", "|---|---|---|"]
+    for r in rows_out:
+        lines.append(f"| {r['layer']} | {r['T']} | {r['best']} |")
+    with open(os.path.join(out_dir, "breakdown.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    # per shape: each piece with the module's defaults, its first variant (the report's 'bound' column)
+    summary = {}
+    for r in rows_out:
+        d = summary.setdefault(f"{r['layer']} T={r['T']}", {})
+        for p in r["pieces"]:
+            d.setdefault(p["piece"], p["ms"])
+    return tuned, summary
 
 
 # -------------------------------------------------------------------------------- main
@@ -420,7 +632,9 @@ def write_reports(results, out_dir):
         "- TFLOP/s count the useful FLOPs (6·T·K·H·I + 2·T·H·E forward, 3x for fwd+bwd); "
         "'% peak' is that over the matmul peak above  ",
         f"- timings: median of {results['reps']} CUDA-event timed calls after warm-up "
-        f"(loop: {results['loop_reps']} calls); triton block shapes: best of presets {results.get('presets', list(PRESETS))} per shape", "",
+        f"(loop: {results['loop_reps']} calls); triton block shapes: best of presets {results.get('presets', list(PRESETS))} per shape  ",
+        "- presets: " + "; ".join(f"{p}: {PRESET_NOTES.get(p, p)}" for p in results.get("presets", [])) + "  ",
+        "",
         "| layer | tokens | impl | fwd ms | fwd TFLOP/s | fwd % peak | fwd of ceiling | fwd+bwd ms | fwd+bwd TFLOP/s | "
         "fwd+bwd % peak | fwd+bwd of ceiling | triton speed-up fwd / fwd+bwd |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -456,6 +670,13 @@ def write_reports(results, out_dir):
         ok = gf_ms / tf_ms >= 1.0 and gfb_ms / tfb_ms >= 1.0 and (r["T"] < 16384 or pct >= 60)
         bound = (f"the ceiling itself reaches {100 * r['flops_fwd'] / ceiling[0] / 1e9 / peak:.0f}% of peak forward; "
                  f"triton reaches {ceiling[0] / tf_ms:.2f} / {ceiling[1] / tfb_ms:.2f} of it (fwd / fwd+bwd)")
+        pieces = results.get("breakdown", {}).get(f"{r['layer']} T={r['T']}")
+        if pieces:
+            fwd_p = {k: v for k, v in pieces.items() if k.startswith("fwd")}
+            bwd_p = {k: v for k, v in pieces.items() if k.startswith("bwd")}
+            top = lambda d: ", ".join(f"{k[4:]} {v:.2f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:3])  # noqa: E731
+            bound += (f"; kernels alone (ms, module defaults): fwd sum {sum(fwd_p.values()):.2f} (largest: {top(fwd_p)}), "
+                      f"bwd sum {sum(bwd_p.values()):.2f} (largest: {top(bwd_p)})")
         lines.append(f"| {r['layer']} | {r['T']} | {gf_ms / tf_ms:.2f}x | {gfb_ms / tfb_ms:.2f}x | {pct:.0f}% | "
                      f"{'yes' if ok else 'no'} | {bound} |")
     lines += ["",
@@ -520,6 +741,15 @@ def main():
     ap.add_argument("--presets", default="A,B,C")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--checks-only", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="first time each Triton kernel of the layer (several block shapes per GEMM kind); "
+                         "preset T is then the fastest variant of each kind per shape")
+    ap.add_argument("--breakdown-only", action="store_true", help="with --breakdown: stop after it")
+    ap.add_argument("--breakdown-reps", type=int, default=5)
+    ap.add_argument("--breakdown-budget-s", type=float, default=300.0,
+                    help="shapes left when the breakdown has run this long are skipped")
+    ap.add_argument("--breakdown-defaults", action="store_true",
+                    help="with --breakdown: time only the module's default block shapes")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
@@ -540,6 +770,21 @@ def main():
         results["env"]["peak_tflops"] = matmul_peak(device)
     log(f"env {results['env']}")
     presets = args.presets.split(",")
+    if args.breakdown:
+        try:
+            tuned, results["breakdown"] = breakdown(layers, tokens, device, args.out, args.breakdown_reps, dtype,
+                                                    not args.breakdown_defaults, args.breakdown_budget_s)
+            TUNED.update(tuned)
+        except Exception as exc:  # the layer benchmark still runs, preset T falling back to the defaults
+            results["errors"].append(f"breakdown: {exc!r}")
+            log(f"ERROR breakdown: {traceback.format_exc()}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["tuned"] = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in TUNED.items()}
+        if args.breakdown_only:
+            with open(os.path.join(args.out, "gpu_moe_layer.log"), "w") as f:
+                f.write("\n".join(LOG) + "\n")
+            return
 
     if args.checks_only:
         layers, tokens = {}, []
@@ -548,7 +793,7 @@ def main():
             tag = f"{name} T={T}"
             try:
                 if device.type == "cuda":
-                    set_preset(presets[0])
+                    set_preset(presets[0], tag)
                 layer = Layer(spec, T, device, dtype)
                 impls = ["triton", "grouped_mm", "loop"]
                 t0 = time.perf_counter()
@@ -562,7 +807,7 @@ def main():
                 best = None
                 for p in presets:
                     if device.type == "cuda":
-                        set_preset(p)
+                        set_preset(p, tag)
                     try:
                         f_ms, fb_ms = bench_layer(layer, "triton", device, args.reps, 3)
                     except Exception as exc:  # e.g. a preset that needs too much shared memory

@@ -350,7 +350,7 @@ def _rows_gemm_kernel(
     tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles,
     N, K, stride_a, stride_be, stride_bn, stride_bk, stride_c,
     GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, DUAL: tl.constexpr,
-    SWIGLU_BWD: tl.constexpr, PRECISION: tl.constexpr,
+    SWIGLU_BWD: tl.constexpr, PRECISION: tl.constexpr, SPLIT_DUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c[r] = scale[r] * (A[src(r)] @ B[e]  (+ A2[r] @ B2[e] if DUAL)) over sorted rows r.
@@ -393,7 +393,18 @@ def _rows_gemm_kernel(
         b_ptrs = b_off + ks[:, None].to(tl.int64) * stride_bk
         a = tl.load(a_ptr + a_rows + ks[None, :], mask=a_mask, other=0.0)
         acc = tl.dot(a, tl.load(b_ptr + b_ptrs, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
-        if DUAL:
+        if DUAL and not SPLIT_DUAL:
+            a2 = tl.load(a2_ptr + a2_rows + ks[None, :], mask=a_mask, other=0.0)
+            acc = tl.dot(a2, tl.load(b2_ptr + b_ptrs, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
+    if DUAL and SPLIT_DUAL:
+        # the second product as its own loop: half the operand tiles in flight per stage, so
+        # the pipeline can run deeper than with both products in one loop
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_ok[None, :]
+            b_ptrs = b_off + ks[:, None].to(tl.int64) * stride_bk
             a2 = tl.load(a2_ptr + a2_rows + ks[None, :], mask=a_mask, other=0.0)
             acc = tl.dot(a2, tl.load(b2_ptr + b_ptrs, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
     if SCALE_ROWS:
@@ -467,24 +478,55 @@ def _weight_gemm_kernel(
 
 
 # Block shapes. Under the interpreter every program costs ~1 ms of Python overhead, so tiles
-# that cover a whole tiny test matrix in one program keep CPU checks fast; on a GPU these are tuned in benchmarks/gpu_moe_layer.py.
-GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# that cover a whole tiny test matrix in one program keep CPU checks fast; on a GPU these are
+# tuned in benchmarks/gpu_moe_layer.py (its --breakdown mode times every kernel of the layer).
+# Each GEMM kind has its own row tile (BLOCK_M); a plan builds one tile map per BLOCK_M used.
+# (forward down projection: 128x256 beat 128x128 on 3 of 4 benchmark shapes, tied on the 4th)
+GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 GPU_CONFIG_GATE_UP = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# backward: d act = w * dout[tok] @ w_down (SwiGLU backward in the epilogue), and
+# d x_sorted = d gate @ w_gate + d up @ w_up (SPLIT_DUAL: the two products one after the other)
+GPU_CONFIG_DGRAD_ACT = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+GPU_CONFIG_DGRAD_X = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                          SPLIT_DUAL=True)
 GPU_CONFIG_WGRAD = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
 INTERPRET_CONFIG_WGRAD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+# Weight gradients: "triton" (_weight_gemm_kernel), "grouped_mm" (torch._grouped_mm over the
+# sorted rows, CUDA bf16 only) or "auto": Triton for gate/up, and for down too unless the experts
+# average WGRAD_GROUPED_MIN_ROWS rows or more, where torch._grouped_mm's long-reduction kernels
+# win (H200, benchmarks/results/gpu_moe_layer.md: w_down's gradient on DeepSeek-V3 at 16k tokens,
+# 512 rows/expert, 18.0 vs 22.3 ms; at 4k, 128 rows/expert, 13.0 vs 8.5 ms; w_gate+w_up's 26-34 ms
+# on torch._grouped_mm against 10-26 ms on Triton at every shape). MOE_TRITON_WGRAD overrides WGRAD.
+WGRAD = "auto"
+WGRAD_GROUPED_MIN_ROWS = 512
+# torch._grouped_mm orientation: dW = G^T X (False) or dW = (X^T G)^T, the orientation autograd
+# uses for torch._grouped_mm's own weight gradient (True; returns a transposed view, which made
+# the whole layer's backward 1.4-3.5x slower on the H200)
+WGRAD_GROUPED_T = False
+# Triton weight gradients of gate and up: one launch with two accumulators (False) or two launches
+# (True: faster kernel-alone on the H200, e.g. 22.6 vs 26.0 ms on DeepSeek-V3 at 16k tokens, not yet
+# measured end to end)
+WGRAD_SPLIT_DUAL = False
 
 
 def _cfg(kind: str, dtype: torch.dtype) -> dict:
     if INTERPRET:
-        return dict(INTERPRET_CONFIG_WGRAD if kind == "wgrad" else INTERPRET_CONFIG)
-    cfg = dict({"rows": GPU_CONFIG, "gate_up": GPU_CONFIG_GATE_UP, "wgrad": GPU_CONFIG_WGRAD}[kind])
+        cfg = dict(INTERPRET_CONFIG_WGRAD if kind == "wgrad" else INTERPRET_CONFIG)
+        if kind == "dgrad_x":
+            cfg["SPLIT_DUAL"] = False
+        return cfg
+    cfg = dict({"rows": GPU_CONFIG, "gate_up": GPU_CONFIG_GATE_UP, "dgrad_act": GPU_CONFIG_DGRAD_ACT,
+                "dgrad_x": GPU_CONFIG_DGRAD_X, "wgrad": GPU_CONFIG_WGRAD}[kind])
     if dtype.itemsize == 4:
         # fp32 tiles take twice the shared memory of bf16 ones: halve the reduction step and
-        # pipeline less deeply so every kernel fits Hopper's 227 KB (the row tile is unchanged,
-        # so a plan's tile map stays valid)
+        # pipeline less deeply so every kernel fits Hopper's 227 KB
         cfg["num_stages"] = 2
-        cfg["BLOCK_M" if kind == "wgrad" else "BLOCK_K"] = 32
+        if kind == "wgrad":
+            cfg["BLOCK_M"] = 32
+        else:
+            cfg["BLOCK_K"] = 32
+            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 128)
     return cfg
 
 
@@ -496,15 +538,20 @@ def _precision(dtype: torch.dtype):
 class _Plan:
     """Everything the forward and backward share: the permutation and the row tiles."""
 
-    def __init__(self, indices_TK, num_experts, block_m):
+    def __init__(self, indices_TK, num_experts):
         T, K = indices_TK.shape
         self.T, self.K, self.E = T, K, num_experts
         self.perm = permute_triton(indices_TK, num_experts)
         self.S = T * K
         self.row_token = self.perm.sorted_slots // K
-        self.block_m = block_m
-        self.tiles = _tile_map(self.perm.offsets, self.S, block_m)
-        self.num_tiles = self.tiles[0].numel()
+        self._tiles = {}
+
+    def tiles(self, block_m):
+        """(tile_expert, tile_start, tile_end), num_tiles for row tiles of block_m rows."""
+        if block_m not in self._tiles:
+            tiles = _tile_map(self.perm.offsets, self.S, block_m)
+            self._tiles[block_m] = (tiles, tiles[0].numel())
+        return self._tiles[block_m]
 
 
 def _gate_up(plan, x_TH, w_gate_EIH, w_up_EIH, save_gate_up):
@@ -516,11 +563,10 @@ def _gate_up(plan, x_TH, w_gate_EIH, w_up_EIH, save_gate_up):
     up = _alloc.empty((plan.S, I), dtype=dt, device=dev) if save_gate_up else act
     if plan.S == 0:
         return gate, up, act
-    if plan.block_m != cfg["BLOCK_M"]:
-        raise ValueError("plan built for another BLOCK_M")
-    grid = (plan.num_tiles * triton.cdiv(I, cfg["BLOCK_N"]),)
+    tiles, num_tiles = plan.tiles(cfg["BLOCK_M"])
+    grid = (num_tiles * triton.cdiv(I, cfg["BLOCK_N"]),)
     _gate_up_kernel[grid](
-        x_TH, plan.row_token, w_gate_EIH, w_up_EIH, gate, up, act, *plan.tiles, plan.num_tiles,
+        x_TH, plan.row_token, w_gate_EIH, w_up_EIH, gate, up, act, *tiles, num_tiles,
         I, H, x_TH.stride(0), w_gate_EIH.stride(0), w_gate_EIH.stride(1), act.stride(0),
         SAVE_GATE_UP=save_gate_up, PRECISION=_precision(dt), **cfg,
     )
@@ -528,12 +574,11 @@ def _gate_up(plan, x_TH, w_gate_EIH, w_up_EIH, save_gate_up):
 
 
 def _rows_gemm(plan, a, b_ENK_view, out_cols, *, out_dtype, gather=False, row_scale=None,
-               a2=None, b2=None, swiglu=None):
+               a2=None, b2=None, swiglu=None, kind="rows"):
     """Launch _rows_gemm_kernel. b_ENK_view is (tensor, stride_e, stride_n, stride_k)."""
     b, sbe, sbn, sbk = b_ENK_view
-    cfg = _cfg("rows", a.dtype)
-    if plan.block_m != cfg["BLOCK_M"]:
-        raise ValueError("plan built for another BLOCK_M")
+    cfg = _cfg(kind, a.dtype)
+    split = cfg.pop("SPLIT_DUAL", False)
     dev = a.device
     c = _alloc.empty((plan.S, out_cols), dtype=out_dtype, device=dev)
     c2 = _alloc.empty((plan.S, out_cols), dtype=out_dtype, device=dev) if swiglu else c
@@ -541,50 +586,109 @@ def _rows_gemm(plan, a, b_ENK_view, out_cols, *, out_dtype, gather=False, row_sc
         return (c, c2) if swiglu else c
     K = a.shape[1]
     gate, up = swiglu if swiglu else (c, c)
-    grid = (plan.num_tiles * triton.cdiv(out_cols, cfg["BLOCK_N"]),)
+    tiles, num_tiles = plan.tiles(cfg["BLOCK_M"])
+    grid = (num_tiles * triton.cdiv(out_cols, cfg["BLOCK_N"]),)
     _rows_gemm_kernel[grid](
         a, a2 if a2 is not None else a, plan.row_token,
         row_scale if row_scale is not None else a, b, b2 if b2 is not None else b,
-        c, c2, gate, up, *plan.tiles, plan.num_tiles,
+        c, c2, gate, up, *tiles, num_tiles,
         out_cols, K, a.stride(0), sbe, sbn, sbk, c.stride(0),
         GATHER_A=gather, SCALE_ROWS=row_scale is not None, DUAL=a2 is not None,
-        SWIGLU_BWD=swiglu is not None, PRECISION=_precision(a.dtype), **cfg,
+        SWIGLU_BWD=swiglu is not None, PRECISION=_precision(a.dtype), SPLIT_DUAL=split, **cfg,
     )
     return (c, c2) if swiglu else c
 
 
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr, idx_ptr, scale_ptr, out_ptr, R, C, stride_src, stride_out,
+    GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[r] = scale[r] * src[idx[r]] (src[r] without GATHER), the product in fp32."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < R
+    mask = r_ok[:, None] & (cols < C)[None, :]
+    if GATHER:
+        src_rows = tl.load(idx_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+    else:
+        src_rows = rows
+    v = tl.load(src_ptr + src_rows[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
+    if SCALE:
+        v = v.to(tl.float32) * tl.load(scale_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _gather_rows(src, idx, scale):
+    """One pass: the rows idx of src (all rows if idx is None), each times scale[r] if given."""
+    R = idx.numel() if idx is not None else src.shape[0]
+    C = src.shape[1]
+    out = _alloc.empty((R, C), dtype=src.dtype, device=src.device)
+    if R == 0 or C == 0:
+        return out
+    block_r, block_c = _row_blocks(R, C)
+    block_r = block_r if INTERPRET else 4
+    _gather_rows_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        src, idx if idx is not None else src, scale if scale is not None else src, out,
+        R, C, src.stride(0), out.stride(0), GATHER=idx is not None, SCALE=scale is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
 def _grouped_wgrad(plan, g, x, *, out_dtype, gather_g, gather_x, row_scale, g2):
-    """The weight gradients on cuBLAS's grouped GEMM (torch._grouped_mm, ragged over the sorted
-    rows): on Hopper in bf16 it beats the Triton weight-gradient kernel (0.85x of the
-    torch._grouped_mm layer at 16k tokens, benchmarks/results/gpu_moe_layer.md)."""
+    """The weight gradients on torch._grouped_mm (ragged over the sorted rows), for CUDA bf16.
+
+    Operands are gathered into sorted order in one pass each; the row scale goes onto whichever
+    operand has fewer columns (one rounding to bf16 of an fp32 product either way). Empty
+    experts are zeroed with a device-side mask fill (no host sync)."""
     rows = plan.row_token
-    G = g[rows] if gather_g else g
-    if row_scale is not None:
-        G = (G.float() * row_scale[:, None]).to(G.dtype)
-    X = x[rows] if gather_x else x
+    scale_g = row_scale is not None and g2 is None and g.shape[1] < x.shape[1]
+    scale_x = row_scale is not None and not scale_g
+    G = _gather_rows(g, rows if gather_g else None, row_scale if scale_g else None) \
+        if (gather_g or scale_g) else g
+    X = _gather_rows(x, rows if gather_x else None, row_scale if scale_x else None) \
+        if (gather_x or scale_x) else x
     offs = plan.perm.offsets[1:].to(torch.int32)
-    empty = plan.perm.tokens_per_expert == 0  # an empty group's output is not promised to be zero
+    empty = (plan.perm.tokens_per_expert == 0)[:, None, None]  # an empty group's output is not promised
     outs = []
     for grad in (G, g2) if g2 is not None else (G,):
-        dw = torch._grouped_mm(grad.t(), X, offs=offs).to(out_dtype)
-        dw[empty] = 0
-        outs.append(dw)
+        if WGRAD_GROUPED_T:
+            dw = torch._grouped_mm(X.t(), grad, offs=offs).transpose(1, 2)
+        else:
+            dw = torch._grouped_mm(grad.t(), X, offs=offs)
+        if dw.dtype != out_dtype:
+            dw = dw.to(out_dtype)
+        outs.append(dw.masked_fill_(empty, 0))
     return tuple(outs) if g2 is not None else outs[0]
 
 
-def _use_grouped_wgrad(x) -> bool:
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and os.environ.get("MOE_TRITON_WGRAD", "grouped_mm") == "grouped_mm")
+def _wgrad_backend(plan, x, which) -> str:
+    """"grouped_mm" or "triton" for the weight gradient `which` ("down" or "gate_up")."""
+    choice = os.environ.get("MOE_TRITON_WGRAD", WGRAD)
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return "triton"
+    if choice == "auto":
+        return "grouped_mm" if which == "down" and plan.S >= WGRAD_GROUPED_MIN_ROWS * plan.E else "triton"
+    return choice
 
 
 def _weight_gemm(plan, g, x, out_shape, *, out_dtype, gather_g=False, gather_x=False,
                  row_scale=None, g2=None):
-    if _use_grouped_wgrad(x):
+    if _wgrad_backend(plan, x, "gate_up" if g2 is not None else "down") == "grouped_mm":
         try:
             return _grouped_wgrad(plan, g, x, out_dtype=out_dtype, gather_g=gather_g, gather_x=gather_x,
                                   row_scale=row_scale, g2=g2)
         except RuntimeError:  # alignment or an older torch: the Triton kernel computes it
             pass
+    if g2 is not None and WGRAD_SPLIT_DUAL and not INTERPRET:
+        kw = dict(out_dtype=out_dtype, gather_g=gather_g, gather_x=gather_x, row_scale=row_scale)
+        return (_triton_wgrad(plan, g, x, out_shape, **kw), _triton_wgrad(plan, g2, x, out_shape, **kw))
+    return _triton_wgrad(plan, g, x, out_shape, out_dtype=out_dtype, gather_g=gather_g,
+                         gather_x=gather_x, row_scale=row_scale, g2=g2)
+
+
+def _triton_wgrad(plan, g, x, out_shape, *, out_dtype, gather_g=False, gather_x=False,
+                  row_scale=None, g2=None):
     cfg = _cfg("wgrad", x.dtype)
     E, N, K = out_shape
     dw = _alloc.empty(out_shape, dtype=out_dtype, device=x.device)
@@ -631,7 +735,7 @@ class TritonExperts(torch.autograd.Function):
         weights_TK = weights_TK.contiguous()
         w_gate_EIH, w_up_EIH, w_down_EHI = (w.contiguous() for w in (w_gate_EIH, w_up_EIH, w_down_EHI))
         E, I, H = w_gate_EIH.shape
-        plan = _Plan(indices_TK, E, _cfg("rows", x_TH.dtype)["BLOCK_M"])
+        plan = _Plan(indices_TK, E)
         need_grad = any(ctx.needs_input_grad)
         gate, up, act = _gate_up(plan, x_TH, w_gate_EIH, w_up_EIH, save_gate_up=need_grad)
         y_sorted = _rows_gemm(plan, act, _linear_view(w_down_EHI), H, out_dtype=x_TH.dtype)
@@ -657,11 +761,11 @@ class TritonExperts(torch.autograd.Function):
             # d act[r] = w[r] * dout[tok(r)] @ w_down[e]; the epilogue makes d gate and d up.
             d_gate, d_up = _rows_gemm(plan, dout_TH, _transposed_view(w_down), I,
                                       out_dtype=x_TH.dtype, gather=True, row_scale=w_sorted,
-                                      swiglu=(gate, up))
+                                      swiglu=(gate, up), kind="dgrad_act")
         d_x = None
         if need_x:
             dx_sorted = _rows_gemm(plan, d_gate, _transposed_view(w_gate), H, out_dtype=x_TH.dtype,
-                                   a2=d_up, b2=w_up)
+                                   a2=d_up, b2=w_up, kind="dgrad_x")
             d_x = combine_triton(dx_sorted, plan.perm, None, x_TH.dtype, top_k=plan.K)
         d_w_down = None
         if need_d:
