@@ -39,11 +39,15 @@ ROUTE_NORM = "torchtitan's Qwen3-MoE builder hard-codes route_norm=True, whateve
 
 # the checks a numeric discrepancy surely breaks (strict), and those it may trip on the way:
 # router logits seen by the aux/z checks, the trained checkpoint reloaded into the reference, an
-# engine batching tokens differently from the trainer (bf16 rounding depends on the batch)
-BROKEN = ("logit_parity", "test_gradient_parity", "test_sft_matches_reference", "test_expert_functions_match_file",
-          "test_ep_forward", "test_ep_gradients", "test_upcycled_moe_equals_dense")
+# engine batching tokens differently from the trainer (bf16 rounding depends on the batch). The
+# bf16 experts' rounding also depends on the CPU: on an AMD EPYC with avx512_bf16 (2026-12-02) the
+# expert-parallel shard differs from one process by 1e-4..1e-3 on some rank splits (exactly 0 on
+# others, and on the host of earlier runs), and the SFT curves stay inside their chaos-limited gates
 KNOCK_ON = ("test_aux_loss", "test_z_loss", "test_sft_checkpoint_reloads", "test_rl_engine_mismatch",
-            "test_rl_engine_follows_updates", "test_engine_parity_vllm", "test_rl_vllm", "test_engine_sync_composes")
+            "test_rl_engine_follows_updates", "test_engine_parity_vllm", "test_rl_vllm", "test_engine_sync_composes",
+            "test_sft_matches_reference", "test_ep_experts_dispatch")
+BROKEN = ("logit_parity", "test_gradient_parity", "test_expert_functions_match_file",
+          "test_ep_forward", "test_ep_gradients", "test_upcycled_moe_equals_dense")
 
 
 def _discrepancy(reason: str, variants=()) -> tuple[ExpectedFailure, ...]:
