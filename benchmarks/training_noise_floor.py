@@ -43,14 +43,21 @@ from moe_conformance.registry import discover  # noqa: E402
 
 
 def grad_floor_low_precision(case: ArchCase) -> dict[str, float]:
-    """Both in the case's dtype (the bf16 profile), candidate vs reference, as the suite gates."""
+    """Both in the case's dtype (the bf16 profile), candidate vs reference, as the suite gates:
+    the tokens the candidate routes differently pinned to the reference's experts
+    (``grad_*``, ``tokens_pinned``); and, for the record, both routing on their own
+    (``grad_unpinned_max``)."""
     batch = data.lm_batch(tokenizer.load(), rg.BATCH_SIZE, case.case_seed).to(case.device)
     ref, cand = case.reference(dtype=case.dtype).train(), case.candidate(dtype=case.dtype).train()
-    training.lm_backward(ref, batch, True)
+    _, _, pinned = rg.pinned_backward(case, ref, cand, batch)
+    ref_grads = training.reference_disk_grads(case, ref)
+    direct = training.grad_parity(ref_grads, training.candidate_disk_grads(case, cand)).figures
     training.lm_backward(cand, batch, False)
-    direct = training.grad_parity(training.reference_disk_grads(case, ref), training.candidate_disk_grads(case, cand)).figures
+    unpinned = training.grad_parity(ref_grads, training.candidate_disk_grads(case, cand)).figures
     out = {"grad_" + k.removeprefix("grad_rel_delta."): v for k, v in direct.items()}
     out["grad_max"] = max(direct.values())
+    out["grad_unpinned_max"] = max(unpinned.values())
+    out["tokens_pinned"] = float(sum(pinned))
     return out
 
 
@@ -73,12 +80,20 @@ def grad_floor(case: ArchCase) -> dict[str, float]:
 
 
 def loss_floor(case: ArchCase) -> dict[str, float]:
+    """The suite's aux/z figures: the training code against the fp64 formula on the candidate's
+    logits (``aux_rel``, ``z_rel``), and that formula on the candidate's logits against the
+    reference's (``aux_logits_rel``, ``z_logits_rel``)."""
     batch, ref_logits, cand_logits, ref_aux = rg._router_logits(case)
     hooks, k = training.REFERENCE_HOOKS, case.model_config.num_experts_per_tok
     aux = float(hooks.aux_loss(cand_logits, k, batch.attention_mask))
     z = float(hooks.z_loss(cand_logits, batch.attention_mask))
-    return {"aux_rel": rg._rel(aux, rg.formula_aux_loss(ref_logits, k, batch.valid)),
-            "z_rel": rg._rel(z, rg.formula_z_loss(ref_logits, batch.valid))}
+    aux_formula, z_formula = rg.formula_aux_loss(cand_logits, k, batch.valid), rg.formula_z_loss(cand_logits, batch.valid)
+    out = {"aux_rel": rg._rel(aux, aux_formula), "z_rel": rg._rel(z, z_formula),
+           "aux_logits_rel": rg._rel(aux_formula, rg.formula_aux_loss(ref_logits, k, batch.valid)),
+           "z_logits_rel": rg._rel(z_formula, rg.formula_z_loss(ref_logits, batch.valid))}
+    if ref_aux is not None:
+        out["aux_reference_rel"] = rg._rel(aux, float(ref_aux))
+    return out
 
 
 def balance(case: ArchCase) -> dict[str, float]:
@@ -132,14 +147,15 @@ def main() -> None:
                 for k, v in figures.items():
                     worst[k] = max(worst.get(k, 0.0), v)
                 print(f"{case.id} seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()), file=sys.stderr, flush=True)
-    cols = ["grad_max", "grad_vs_fp64_max", "aux_rel", "z_rel", "balance_ratio", "loss_delta_early", "loss_delta_max",
+    cols = ["grad_max", "grad_vs_fp64_max", "grad_unpinned_max", "tokens_pinned", "aux_rel", "z_rel", "aux_logits_rel",
+            "z_logits_rel", "aux_reference_rel", "balance_ratio", "loss_delta_early", "loss_delta_max",
             "loss_ratio", "imbalance_final", "bias_update_error", "reference_bias_update_error"]
     print("| case | seed | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for case_id, seed, f in rows:
         print(f"| {case_id} | {seed} | " + " | ".join(f"{f[c]:.3g}" if c in f else "-" for c in cols) + " |")
     print("| **max** | | " + " | ".join(f"**{worst[c]:.3g}**" if c in worst else "-" for c in cols) + " |")
-    groups = sorted(k for k in worst if k.startswith("grad_") and k not in ("grad_max", "grad_vs_fp64_max"))
+    groups = sorted(k for k in worst if k.startswith("grad_") and k not in ("grad_max", "grad_vs_fp64_max", "grad_unpinned_max"))
     print("\nper-group gradient floor (max over cases): " + ", ".join(f"{g[5:]} {worst[g]:.3g}" for g in groups))
 
 

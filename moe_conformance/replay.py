@@ -70,16 +70,21 @@ def _gate_rule(scores: torch.Tensor, natural: RouterReading, default: tuple[bool
     nat_idx = natural.indices.reshape(scores.shape[0], -1).long().to(scores.device)
     w = natural.weights.detach().reshape(nat_idx.shape).float().to(scores.device)
     s = scores.gather(-1, nat_idx)
+    # gates held in bf16 (a router computing in the model's dtype) are rounded by up to half
+    # their eps: a fit within two eps is the rule; fp32 gates fit to float noise
+    tol = max(1e-5, 2 * torch.finfo(natural.weights.dtype).eps) if natural.weights.is_floating_point() else 1e-5
     fits = []
     for norm in (default[0], not default[0]):
         base = s / (s.sum(-1, keepdim=True) + 1e-20) if norm else s
         scale = float((w * base).sum() / (base * base).sum().clamp_min(1e-30))  # least squares
         err = float((w - scale * base).abs().max()) / max(float(w.abs().max()), 1e-12)
-        fits.append((err, norm, scale))
-        if err <= 1e-5:  # the declared scaling where it fits (least squares leaves float noise)
-            return norm, (default[1] if abs(scale - default[1]) <= 1e-5 * abs(default[1]) else scale)
+        fits.append((err, not norm == default[0], norm, scale))
+    err, _, norm, scale = min(fits)  # the better fit (near-uniform scores can fit both loosely)
+    if err <= tol:  # the declared scaling where it fits (least squares leaves rounding noise)
+        return norm, (default[1] if abs(scale - default[1]) <= tol * abs(default[1]) else scale)
     raise ProbeError(f"routing replay cannot reproduce the router's own gates from its scores (best relative "
-                     f"error {min(fits)[0]:.3g}): its gate rule is neither scale * score nor a renormalized one")
+                     f"error {err:.3g}, {natural.weights.dtype} gates: tolerance {tol:.3g}): its gate rule is "
+                     "neither scale * score nor a renormalized one")
 
 
 def _layer_routes(case, model, routes: Routes) -> dict[int | None, torch.Tensor]:
@@ -92,9 +97,14 @@ def _layer_routes(case, model, routes: Routes) -> dict[int | None, torch.Tensor]
 
 
 @contextmanager
-def replay_routing(case, model: torch.nn.Module, routes: Routes) -> Iterator[None]:
+def replay_routing(case, model: torch.nn.Module, routes: Routes, *, only_differing: bool = False,
+                   replayed: list[int] | None = None) -> Iterator[None]:
     """The default replay hook: recorded experts forced through the candidate's probes, gates
-    from the trainer's router logits at those experts (:func:`replayed_weights`)."""
+    from the trainer's router logits at those experts (:func:`replayed_weights`).
+
+    ``only_differing``: a token whose own choice is the recorded set keeps its own decision and
+    gates (the model's gate code stays under test); only the others are replayed. ``replayed``
+    collects, per layer forward, how many tokens were."""
     from .probing import forced_routing
 
     by_layer = _layer_routes(case, model, routes)
@@ -107,6 +117,11 @@ def replay_routing(case, model: torch.nn.Module, routes: Routes) -> Iterator[Non
             raise ProbeError("routing replay needs the router logits: declare RouterProbe(read=...) returning "
                              "RouterReading(logits=...)")
         keep = (rec < 0).any(-1, keepdim=True)
+        if only_differing:
+            same = (rec.sort(-1).values == nat.to(rec.dtype).sort(-1).values).all(-1, keepdim=True)
+            keep = keep | same
+        if replayed is not None:
+            replayed.append(int((~keep).sum()))
         indices = torch.where(keep, nat.to(rec.dtype), rec)
         weights = replayed_weights(case, natural.logits, indices, natural)
         natural_w = natural.weights.reshape(weights.shape).to(weights.dtype)

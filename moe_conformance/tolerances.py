@@ -113,11 +113,37 @@ PROFILES: dict[tuple[str, str], Profile] = {
             # aux loss by ~1e-2 relative; softmax of softmax by ~0.3.
             "aux_rel_delta": Gate(1e-5),
             "z_rel_delta": Gate(1e-5),
+            "aux_logits_rel_delta": Gate(1e-5),
+            "z_logits_rel_delta": Gate(1e-5),
             # imbalance after / before 12 bias updates from a skewed start: worst 0.72 (best 0.38);
             # an update that does nothing stays at 1.0, a reversed sign goes above it. Gate 0.85.
             "balance_ratio": Gate(0.85),
         },
         why="fp32 gradient/loss parity: gates 14-50x the measured floors (benchmarks/training_noise_floor.py)",
+    ),
+    ("router_grad", "bfloat16"): Profile(
+        gates={
+            # floor (benchmarks/results/training_noise_floor_bf16.md, 108 runs): both models in
+            # bf16, the tokens the candidate routes differently pinned to the reference's experts
+            # (up to 148 of ~220 on minimax_m2, whose reference keeps its bias in bf16; 0-8
+            # elsewhere): worst 0.036 router (gpt_oss), 0.018 elsewhere (embeddings). Unpinned it
+            # is 0.78. Gates 0.1 router, 0.05 the rest (2.8x); a halved router gradient is 0.5, a
+            # detached one 1.0.
+            **{f"grad_rel_delta.{g}": Gate(5e-2) for g in ("attention", "experts", "shared", "norms",
+                                                           "embeddings", "dense", "other")},
+            "grad_rel_delta.router": Gate(1e-1),
+            # the training code vs the fp64 formula on the candidate's own (bf16-model) logits:
+            # worst aux 2.1e-7, z 1.8e-7; gate 1e-5 (48x). Computed in bf16 (no upcast): 4e-4 to 1.4e-3.
+            "aux_rel_delta": Gate(1e-5),
+            "z_rel_delta": Gate(1e-5),
+            # the formula on the candidate's logits vs on the reference's (and the team's aux vs
+            # the reference model's own): worst 6.9e-4 (3.1e-3 vs gpt_oss' own); gate 1e-2.
+            # Router logits that are probabilities move the aux loss by ~0.3.
+            "aux_logits_rel_delta": Gate(1e-2),
+            # worst 3.6e-5; gate 1e-3 (28x)
+            "z_logits_rel_delta": Gate(1e-3),
+        },
+        why="bf16 gradient parity with the reference's routing pinned, and loss definitions on the candidate's bf16 logits: gates 2.8-48x the measured floors",
     ),
     ("sft", "float32"): Profile(
         gates={

@@ -5,7 +5,8 @@ name ``<arch>_<bug>``: in the candidate model (a detached router, a correction b
 receives gradient, router logits returned after softmax, a shared expert cut from the graph) or
 in the team's training code it declares through ``ArchSpec.training`` (aux loss counting
 padding, a wrong z-loss, an optimizer missing the experts, an LR schedule off by a factor), or
-in its bf16 cast (a router detached in the bf16 path only).
+in its bf16 cast (a router detached in the bf16 path only), or in both (bf16 router logits that
+the aux or z-loss takes without upcasting).
 """
 
 from __future__ import annotations
@@ -116,6 +117,37 @@ def _adamw_on_bf16_weights(model, cfg):
                              lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 
+def _cast_handing_out_bf16_logits(model, dtype, keep_fp32=frozenset()):
+    # a router whose logits come out in the compute dtype (as transformers' Mixtral's do): not a
+    # bug alone, but what the aux and z-loss below then take as they come
+    model = default_cast(model, dtype, keep_fp32)
+    if dtype != torch.float32:
+        _wrap_router(model, lambda r, logits, weights, indices: (logits.to(dtype), weights, indices))
+    return model
+
+
+def _aux_in_logits_dtype(router_logits, top_k, attention_mask=None):
+    # the bug: no upcast, so softmax, counts and sums run in bf16 under the bf16 profile
+    dt, E = router_logits[0].dtype, router_logits[0].shape[-1]
+    keep = attention_mask.reshape(-1).bool() if attention_mask is not None else slice(None)
+    rows = [logits[keep] for logits in router_logits]
+    counts = sum(torch.zeros(E, dtype=dt).scatter_add_(0, r.softmax(-1).topk(top_k, -1).indices.reshape(-1),
+                                                       torch.ones(r.shape[0] * top_k, dtype=dt)) for r in rows)
+    probs = sum(r.softmax(-1).sum(0) for r in rows)
+    n = sum(r.shape[0] for r in rows)
+    return E * (counts / n * probs / n).sum()
+
+
+def _z_in_logits_dtype(router_logits, attention_mask=None):
+    keep = attention_mask.reshape(-1).bool() if attention_mask is not None else slice(None)
+    rows = torch.cat([logits[keep] for logits in router_logits])
+    return rows.logsumexp(-1).pow(2).mean()  # the bug: no upcast, logsumexp and mean in bf16
+
+
+def _bf16_logits_and(**kw):
+    return lambda s: s.replace(cast=_cast_handing_out_bf16_logits, training=training.TrainingHooks(**kw))
+
+
 def _hooks(**kw):
     return lambda s: s.replace(training=training.TrainingHooks(**kw))
 
@@ -132,6 +164,8 @@ BUGS = {
     "router_detached_in_bf16": ("kimi_k25", lambda s: s.replace(cast=_cast_detaching_router_in_bf16)),
     "bias_cast_to_bf16": ("kimi_k25", lambda s: s.replace(cast=_cast_taking_the_bias_along)),
     "optimizer_without_master_weights": ("glm4_moe", _hooks(optimizer=_adamw_on_bf16_weights)),
+    "aux_loss_in_bf16": ("mixtral", _bf16_logits_and(aux_loss=_aux_in_logits_dtype)),
+    "z_loss_in_bf16": ("kimi_k25", _bf16_logits_and(z_loss=_z_in_logits_dtype)),
 }
 
 

@@ -74,15 +74,19 @@ def test_a_candidate_that_cannot_run_in_bf16_is_one_root_cause(pytester):
 def test_a_foreign_candidate_trains_under_the_bf16_profile(pytester):
     """transformers' Qwen3-MoE as a candidate (foreign code, reached through the contract) under
     --dtype bf16: SFT and the RL loop run it cast to bf16, stepping fp32 master weights, and
-    every sft and rl check with bf16 gates runs to a pass."""
-    _, reports = _run(pytester, "hf_candidate_plugin.py", "--dtype", "bf16", "--family", "sft,rl")
+    every sft and rl check with bf16 gates runs to a pass; gradient parity pins the reference's
+    routing onto it through its probes, and its aux and z-loss are checked on its bf16 logits."""
+    _, reports = _run(pytester, "hf_candidate_plugin.py", "--dtype", "bf16", "--family", "sft,rl,router_grad")
     checks = checks_by_name(reports["hf_qwen3_moe"])
     statuses = {n.split("[")[0]: c["status"] for n, c in checks.items()}
     bad = {n: c["message"][:300] for n, c in checks.items() if c["status"] not in ("passed", "not_applicable")}
     assert not bad, bad
     for check in ("test_sft_matches_reference", "test_sft_optimizer_keeps_small_updates", "test_sft_all_parameters_train",
-                  "test_rl_kl", "test_rl_engine_mismatch", "test_rl_engine_follows_updates", "test_rl_routing_consistency"):
+                  "test_rl_kl", "test_rl_engine_mismatch", "test_rl_engine_follows_updates", "test_rl_routing_consistency",
+                  "test_gradient_parity", "test_aux_loss", "test_z_loss", "test_router_weights_get_gradient"):
         assert statuses.get(check) == "passed", (check, statuses)
+    parity = checks["test_gradient_parity[hf_qwen3_moe-faithful]"]
+    assert "tokens_pinned" in parity["figures"] and parity["thresholds"]["grad_rel_delta.router"] == 0.1, parity
     # what stays fp32 says why, with the measurement
     health = checks["test_sft_router_health[hf_qwen3_moe-faithful]"]
     assert health["status"] == "not_applicable" and "routers mostly collapse" in health["message"], health

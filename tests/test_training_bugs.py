@@ -74,6 +74,10 @@ BF16_EXPECTED = {
     "optimizer_without_master_weights": ("test_sft.py", "test_sft_optimizer_keeps_small_updates",
                                          ["the optimizer loses updates smaller than the bf16 spacing",
                                           "small_update_mismatch", "keep fp32 master weights"]),
+    "aux_loss_in_bf16": ("test_router_grad.py", "test_aux_loss",
+                         ["aux_rel_delta", "the aux loss comes back as torch.bfloat16", "upcast the router logits to fp32 first"]),
+    "z_loss_in_bf16": ("test_router_grad.py", "test_z_loss",
+                       ["z_rel_delta", "the z-loss comes back as torch.bfloat16", "upcast the router logits to fp32 first"]),
 }
 
 
@@ -103,3 +107,18 @@ def test_a_detached_aux_loss_is_caught_in_bf16(pytester):
     run_planted_bug(pytester, "planted_wave3", "aux_detached", "test_router_grad.py", "faithful",
                     "test_aux_loss_gradient_flows", ["the aux loss sends no gradient to the routers", "it is detached from the router logits"],
                     args=("--dtype", "bf16"))
+
+
+# under --dtype bf16 gradient parity runs with the reference's routing pinned where the candidate
+# routes a token differently: the planted halved router gradient, and the router detached only
+# in the bf16 path, fail it there
+@pytest.mark.parametrize("module, bug, fragments", [
+    ("planted_more", "router_grad_halved", ["grad_rel_delta.router = 0.5", "mlp.gate.weight"]),
+    ("planted_training", "router_detached_in_bf16", ["grad_rel_delta.router", "gate.weight"]),
+])
+def test_gradient_parity_catches_router_bugs_in_bf16(pytester, module, bug, fragments):
+    hits = run_planted_bug(pytester, module, bug, "test_router_grad.py", "faithful", "test_gradient_parity", fragments,
+                           args=("--dtype", "bf16"))
+    for c in hits.values():
+        assert "tokens_pinned" in c["figures"], c["figures"]
+
