@@ -293,9 +293,14 @@ def study(case, hooks, cfg: ReplayConfig = ReplayConfig()) -> ReplayStudy:
     routes = routes_from_rollouts(rollouts, S)
     recorded = routes[0][..., 0] >= 0
     ids, mask = ids.to(case.device), mask.to(case.device)
-    # the trainer one optimizer step after the rollout (the LM loss of the rollouts)
-    policy = case.candidate(state=s0).train()
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.drift_lr, foreach=False)
+    # the trainer one optimizer step after the rollout (the LM loss of the rollouts), in the
+    # case's dtype as the engine is (bf16: stepping fp32 master weights)
+    from .training import MasterWeightAdamW
+
+    policy = case.candidate(state=s0, dtype=case.dtype).train()
+    low = case.dtype in (torch.bfloat16, torch.float16)
+    opt = (MasterWeightAdamW if low else torch.optim.AdamW)(
+        [p for p in policy.parameters() if p.requires_grad], lr=cfg.drift_lr, foreach=False)
     logits = logits_of(policy(input_ids=ids, attention_mask=mask)).float()
     lm = -(logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]).sum() / mask[:, 1:].sum()
     lm.backward()

@@ -83,7 +83,8 @@ def test_a_foreign_candidate_trains_under_the_bf16_profile(pytester):
     assert not bad, bad
     for check in ("test_sft_matches_reference", "test_sft_optimizer_keeps_small_updates", "test_sft_all_parameters_train",
                   "test_rl_kl", "test_rl_engine_mismatch", "test_rl_engine_follows_updates", "test_rl_routing_consistency",
-                  "test_gradient_parity", "test_aux_loss", "test_z_loss", "test_router_weights_get_gradient"):
+                  "test_gradient_parity", "test_aux_loss", "test_z_loss", "test_router_weights_get_gradient",
+                  "test_routing_replay_matches_engine", "test_routing_replay_gradient"):
         assert statuses.get(check) == "passed", (check, statuses)
     parity = checks["test_gradient_parity[hf_qwen3_moe-faithful]"]
     assert "tokens_pinned" in parity["figures"] and parity["thresholds"]["grad_rel_delta.router"] == 0.1, parity

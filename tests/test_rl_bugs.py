@@ -73,7 +73,8 @@ def test_unbroken_arch_passes_rl_suites(pytester, arch):
 
 # the bf16 production profile (--dtype bf16: policy, engine and reference in bf16, gates from
 # benchmarks/results/rl_noise_floor_bf16.md) catches the same faults with its own gates
-BF16 = ["kl_zero", "routing_differs", "stale_engine_weights", "temperature_on_logprobs"]
+BF16 = ["kl_zero", "replay_on_orphan_routers", "replay_zeroed_gates", "routing_differs", "stale_engine_weights",
+        "temperature_on_logprobs"]
 
 
 @pytest.mark.parametrize("bug", BF16)
