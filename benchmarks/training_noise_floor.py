@@ -7,7 +7,8 @@ For every built-in arch variant and several seeds (fp32, one thread, as the suit
   padding leaves no fully masked query row, so no NaN);
 - aux loss / z-loss: |candidate training code on candidate logits - fp64 formula on reference
   logits| relative, on a right-padded batch;
-- aux-loss-free balancing: the imbalance ratio (last / first) reached from the skewed start;
+- aux-loss-free balancing: the imbalance ratio (last / first) reached from the skewed start (bf16:
+  at the rate the suite scales to the router scores' spread, shown with it);
 - SFT: max |loss_cand - loss_ref| over the first steps and over the whole run, the loss
   ratio (mean of the last steps / first step), for candidate and reference, and the largest
   error of a selection-bias update as stored in the candidate (and, for information, in the
@@ -106,7 +107,8 @@ def balance(case: ArchCase) -> dict[str, float]:
         rg.test_aux_loss_free_balancing(case, rec)
     except BaseException:  # noqa: BLE001 - the gate may be a placeholder while measuring
         pass
-    return {"balance_ratio": rec.figures["balance_ratio"]} if getattr(rec, "figures", None) else {}
+    figures = getattr(rec, "figures", None) or {}
+    return {k: figures[k] for k in ("balance_ratio", "score_spread", "bias_rate") if k in figures}
 
 
 def sft_floor(case: ArchCase) -> dict[str, float]:
@@ -148,7 +150,7 @@ def main() -> None:
                     worst[k] = max(worst.get(k, 0.0), v)
                 print(f"{case.id} seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()), file=sys.stderr, flush=True)
     cols = ["grad_max", "grad_vs_fp64_max", "grad_unpinned_max", "tokens_pinned", "aux_rel", "z_rel", "aux_logits_rel",
-            "z_logits_rel", "aux_reference_rel", "balance_ratio", "loss_delta_early", "loss_delta_max",
+            "z_logits_rel", "aux_reference_rel", "balance_ratio", "score_spread", "bias_rate", "loss_delta_early", "loss_delta_max",
             "loss_ratio", "imbalance_final", "bias_update_error", "reference_bias_update_error"]
     print("| case | seed | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))

@@ -122,3 +122,13 @@ def test_gradient_parity_catches_router_bugs_in_bf16(pytester, module, bug, frag
     for c in hits.values():
         assert "tokens_pinned" in c["figures"], c["figures"]
 
+
+# under --dtype bf16 balancing runs at a rate scaled to the router scores' spread: the planted
+# reversed bias update fails there as in fp32
+def test_a_reversed_bias_update_is_caught_in_bf16(pytester):
+    hits = run_planted_bug(pytester, "planted_more", "bias_update_reversed", "test_router_grad.py", "faithful",
+                           "test_aux_loss_free_balancing", ["the bias update does not move load toward balance"],
+                           args=("--dtype", "bf16"))
+    for c in hits.values():
+        assert c["figures"]["score_spread"] > 0 and c["figures"]["balance_ratio"] > 0.9, c["figures"]
+
