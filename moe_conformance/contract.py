@@ -164,19 +164,23 @@ class ProbeError(ValueError):
 
 def default_cast(model: Any, dtype: Any, keep_fp32: frozenset[str] = frozenset()) -> Any:
     """Every floating-point parameter and buffer to ``dtype`` (complex ones, such as a complex
-    RoPE cache, are left alone: ``model.to(bf16)`` would drop their imaginary part), then the
-    named tensors (candidate naming) back to fp32: the tensors the reference keeps in fp32 in
-    its own bf16 checkpoint."""
+    RoPE cache, are left alone: ``model.to(bf16)`` would drop their imaginary part), except the
+    named tensors (candidate naming), which stay fp32 with their values untouched: the tensors
+    the reference keeps in fp32 in its own bf16 checkpoint (a round trip through bf16 would
+    round them, which its ``from_pretrained`` does not)."""
     import torch
 
+    def named(m):
+        found = dict(m.named_parameters(remove_duplicate=False))
+        found.update(m.named_buffers(remove_duplicate=False))
+        return found
+
+    kept = {name: t.detach().to(torch.float32).clone() for name, t in named(model).items()
+            if name in keep_fp32 and t.is_floating_point()}
     model = model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
-    if keep_fp32:
-        named = dict(model.named_parameters(remove_duplicate=False))
-        named.update(model.named_buffers(remove_duplicate=False))
-        for name in keep_fp32:
-            tensor = named.get(name)
-            if tensor is not None and tensor.is_floating_point():
-                tensor.data = tensor.data.to(torch.float32)
+    after = named(model)
+    for name, value in kept.items():
+        after[name].data = value
     return model
 
 

@@ -6,7 +6,8 @@ receives gradient, router logits returned after softmax, a shared expert cut fro
 in the team's training code it declares through ``ArchSpec.training`` (aux loss counting
 padding, a wrong z-loss, an optimizer missing the experts, an LR schedule off by a factor), or
 in its bf16 cast (a router detached in the bf16 path only), or in both (bf16 router logits that
-the aux or z-loss takes without upcasting).
+the aux or z-loss takes without upcasting), or in its export (a bf16 model's fp32 tensors
+written rounded).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from moe_conformance import training
 from moe_conformance.contract import default_cast
 from moe_conformance.native.model import MoE, Router
-from planted import _each, _patched, base_spec
+from planted import WrappedConverter, _each, _patched, base_spec
 
 
 def _wrap_router(model, post):
@@ -148,6 +149,19 @@ def _bf16_logits_and(**kw):
     return lambda s: s.replace(cast=_cast_handing_out_bf16_logits, training=training.TrainingHooks(**kw))
 
 
+def _export_in_compute_dtype(conv):
+    """to_hf writes every tensor in the dtype most of the model holds: a bf16-trained model's
+    fp32 router weights go to disk rounded (fp32 training exports exactly)."""
+
+    def to_hf(sd):
+        out = conv.to_hf(sd)
+        dtypes = [v.dtype for v in out.values() if v.is_floating_point()]
+        compute = max(set(dtypes), key=dtypes.count)
+        return {k: (v.to(compute) if v.is_floating_point() else v) for k, v in out.items()}
+
+    return WrappedConverter(conv, to_hf=to_hf)
+
+
 def _hooks(**kw):
     return lambda s: s.replace(training=training.TrainingHooks(**kw))
 
@@ -164,6 +178,7 @@ BUGS = {
     "router_detached_in_bf16": ("kimi_k25", lambda s: s.replace(cast=_cast_detaching_router_in_bf16)),
     "bias_cast_to_bf16": ("kimi_k25", lambda s: s.replace(cast=_cast_taking_the_bias_along)),
     "optimizer_without_master_weights": ("glm4_moe", _hooks(optimizer=_adamw_on_bf16_weights)),
+    "export_in_compute_dtype": ("kimi_k25", lambda s: s.replace(converter=_export_in_compute_dtype(s.converter))),
     "aux_loss_in_bf16": ("mixtral", _bf16_logits_and(aux_loss=_aux_in_logits_dtype)),
     "z_loss_in_bf16": ("kimi_k25", _bf16_logits_and(z_loss=_z_in_logits_dtype)),
 }
