@@ -13,7 +13,9 @@ One run does everything the report needs, so it fits one lease of the GPU machin
 Results: $OUT (or --out) gets gpu_moe_layer.{md,json}, gpu_kernel_checks.{md,json}, log.
 With --breakdown the run first times each Triton kernel of the layer alone (forward and backward, a
 few block shapes / weight-gradient paths per kind, each checked against the default) into
-breakdown.{md,json}; the report's 'bound' column then names the largest kernels.
+breakdown.{md,json}; the report's 'bound' column then names the largest kernels. With --pick-defaults
+too, each kind's variant fastest across the shapes becomes the default for the rest of the run (preset A
+and the checks); the picks are logged and saved, to be written into triton_moe.py's tables.
 
     python benchmarks/gpu_moe_layer.py                 # on the GPU machine
     TRITON_INTERPRET=1 python benchmarks/gpu_moe_layer.py --smoke   # CPU dry run of the script
@@ -71,10 +73,23 @@ SMOKE_LAYERS = {
 # GPU_CONFIG* tables, chosen from the --breakdown timings); the others override some kinds.
 CFG_NAMES = {"rows": "GPU_CONFIG", "gate_up": "GPU_CONFIG_GATE_UP", "dgrad_act": "GPU_CONFIG_DGRAD_ACT",
              "dgrad_x": "GPU_CONFIG_DGRAD_X", "wgrad": "GPU_CONFIG_WGRAD"}
+
+
+def _c(bm, bn, bk, w, st, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, **kw)
+
+
+# Module-level switches of the weight gradients a preset or breakdown variant may set (besides
+# the block-shape tables above): backend, gate/up as two launches, torch._grouped_mm orientation,
+# operands gathered into sorted order before the Triton kernel.
+WGRAD_KNOBS = ("WGRAD", "WGRAD_SPLIT_DUAL", "WGRAD_GROUPED_T", "WGRAD_PRESORT")
 PRESET_NOTES = {
     "A": "the module's defaults",
     "B": "A with the d act GEMM 3 stages deep",
     "C": "A with every weight gradient on torch._grouped_mm as dW = (X^T G)^T",
+    "S": "A with the Triton gate/up weight gradients as two launches",
+    "O": "the block shapes and weight-gradient switches the module had before this run's change",
+    "P": "every weight gradient on Triton, gate/up as two launches, operands gathered into sorted order first",
     "T": "per shape, the fastest variant of each kind in this run's breakdown",
 }
 PRESETS = {
@@ -82,7 +97,14 @@ PRESETS = {
     # the d act GEMM pipelined 3 deep instead of 4 (3 was faster on DeepSeek-V3 at 16k tokens)
     "B": {"dgrad_act": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)},
     # every weight gradient on torch._grouped_mm in the orientation of its own autograd, dW = (X^T G)^T
-    "C": {"wgrad_backend": ("grouped_mm", False, True)},
+    "C": {"knobs": dict(WGRAD="grouped_mm", WGRAD_GROUPED_T=True)},
+    "S": {"knobs": dict(WGRAD_SPLIT_DUAL=True)},
+    # the defaults before the permutation/weight-gradient rework (2026-12-02 13:33 run), for comparison
+    "O": {"rows": _c(128, 256, 64, 8, 3, GROUP_M=8), "gate_up": _c(128, 64, 64, 8, 3, GROUP_M=8),
+          "dgrad_act": _c(128, 128, 64, 8, 4, GROUP_M=8), "dgrad_x": _c(128, 256, 64, 8, 3, GROUP_M=8, SPLIT_DUAL=True),
+          "wgrad": _c(64, 128, 128, 8, 3),
+          "knobs": dict(WGRAD="auto", WGRAD_SPLIT_DUAL=False, WGRAD_GROUPED_T=False, WGRAD_PRESORT=False)},
+    "P": {"knobs": dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=True)},
 }
 
 LOG: list[str] = []
@@ -343,6 +365,63 @@ def set_cfg(kind, cfg):
 
 
 TUNED: dict = {}  # per shape tag: the breakdown's fastest variant of each kind (preset "T")
+BREAKDOWN_MD: list = []  # the breakdown's tables, appended to gpu_moe_layer.md
+BREAKDOWN_ROWS: list = []  # the breakdown's timings per shape (breakdown.json)
+KIND_PIECES = {"gate_up": ["fwd gate_up+swiglu (save)"], "rows": ["fwd down"],
+               "dgrad_act": ["bwd d act (+swiglu bwd)"], "dgrad_x": ["bwd d x_sorted (dual)"],
+               "wgrad_knobs": ["bwd wgrad down", "bwd wgrad gate+up"]}
+# kind -> variant index -> {"setting": block shape (or wgrad knobs + block shape), "ms": {shape tag: ms}}
+VARIANT_MS: dict = {}
+
+
+def note_picks(picked):
+    """The report's wording for defaults picked by --pick-defaults."""
+    what = "; ".join(f"{k.replace('_knobs', '')}: {v['variant']} ({v['geomean_vs_default']:.3f}x)"
+                     for k, v in picked.items()) or "none"
+    PRESET_NOTES["A"] = ("the module's defaults, each kind's replaced by the variant this run's breakdown found at "
+                         "least 2% faster across the shapes (geometric mean of its time over the default's): " + what)
+    if BREAKDOWN_MD and not BREAKDOWN_MD[0].startswith("Defaults picked"):
+        BREAKDOWN_MD.insert(0, f"Defaults picked from this breakdown for the layer benchmark (preset A): {what}. "
+                               "Each piece's first variant is the default before that pick.")
+        BREAKDOWN_MD.insert(1, "")
+
+
+def pick_defaults(min_gain=0.02):
+    """Make the breakdown's best variant across all shapes each kind's default, in this process.
+
+    Across shapes = the lowest geometric mean of (variant ms / default ms) over every shape the
+    default was timed on; a variant replaces the default only if that mean is min_gain below 1.
+    Returns {kind: (setting, geometric mean, variant name)} of the kinds whose default changed."""
+    picks = {}
+    for kind, by_index in VARIANT_MS.items():
+        base = by_index.get(0)
+        if not base or not base["ms"]:
+            continue
+        best = (1.0, None)
+        for i, v in by_index.items():
+            if i == 0 or set(v["ms"]) != set(base["ms"]):
+                continue
+            gm = math.exp(statistics.fmean(math.log(v["ms"][t] / base["ms"][t]) for t in base["ms"]))
+            if gm < best[0]:
+                best = (gm, v["setting"])
+        if best[1] is not None and best[0] <= 1 - min_gain:
+            if kind == "wgrad_knobs":
+                set_knobs(best[1]["knobs"])
+                set_cfg("wgrad", best[1]["cfg"])
+                name = _knobs_str(best[1]["knobs"], best[1]["cfg"])
+            else:
+                set_cfg(kind, best[1])
+                name = _cfg_str(best[1])
+            picks[kind] = (best[1], best[0], name)
+    _DEFAULTS.clear()  # the next set_preset takes the module's (now picked) values as preset A
+    return picks
+
+
+def set_knobs(knobs):
+    from moe_conformance.native.kernels import triton_moe
+
+    for k, v in knobs.items():
+        setattr(triton_moe, k, v)
 
 
 def set_preset(name, tag=None):
@@ -350,12 +429,11 @@ def set_preset(name, tag=None):
 
     if not _DEFAULTS:
         _DEFAULTS.update({k: dict(getattr(triton_moe, v)) for k, v in CFG_NAMES.items()})
-        _DEFAULTS["wgrad_backend"] = (triton_moe.WGRAD, triton_moe.WGRAD_SPLIT_DUAL, triton_moe.WGRAD_GROUPED_T)
+        _DEFAULTS["knobs"] = {k: getattr(triton_moe, k) for k in WGRAD_KNOBS}
     over = TUNED.get(tag, {}) if name == "T" else PRESETS[name]
     for kind in CFG_NAMES:
         set_cfg(kind, over.get(kind, _DEFAULTS[kind]))
-    triton_moe.WGRAD, triton_moe.WGRAD_SPLIT_DUAL, triton_moe.WGRAD_GROUPED_T = over.get(
-        "wgrad_backend", _DEFAULTS["wgrad_backend"])
+    set_knobs({**_DEFAULTS["knobs"], **over.get("knobs", {})})
 
 
 def bench_layer(layer: Layer, impl, device, reps, warmup):
@@ -381,20 +459,30 @@ def bench_layer(layer: Layer, impl, device, reps, warmup):
 # --------------------------------------------------------------------------- breakdown
 
 
-def _c(bm, bn, bk, w, st, **kw):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, **kw)
-
-
 # Variants the breakdown times per GEMM kind (bf16 on a GPU); the first is the module default.
 BREAKDOWN_VARIANTS = {
-    "gate_up": [None],
-    "rows": [None],
+    "gate_up": [None, _c(128, 64, 64, 8, 3, GROUP_M=8), _c(128, 64, 64, 8, 4, GROUP_M=8),
+                _c(128, 64, 128, 8, 3, GROUP_M=8)],
+    "rows": [None, _c(128, 256, 64, 8, 4, GROUP_M=8), _c(128, 128, 64, 8, 4, GROUP_M=8)],
     "dgrad_act": [None, _c(128, 128, 64, 8, 3, GROUP_M=8)],
-    "dgrad_x": [None],
-    # (WGRAD, WGRAD_SPLIT_DUAL, WGRAD_GROUPED_T) with the default Triton block shape;
-    # None: the module's defaults, the reference the others are checked against
-    "wgrad": [None, ("triton", False, False), ("grouped_mm", False, False), ("grouped_mm", False, True),
-              ("triton", True, False)],
+    "dgrad_x": [None, _c(128, 256, 64, 8, 4, GROUP_M=8, SPLIT_DUAL=True)],
+    # weight gradients: WGRAD_KNOBS overrides, "cfg" a GPU_CONFIG_WGRAD block shape; None: the
+    # module's defaults, the reference the others are checked against
+    "wgrad": [None,
+              # the defaults before 2026-12-02 16:05 (in-loop gathers, gate/up in one launch)
+              dict(WGRAD="auto", WGRAD_SPLIT_DUAL=False, WGRAD_PRESORT=False, cfg=_c(64, 128, 128, 8, 3)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=False, WGRAD_PRESORT=False, cfg=_c(64, 128, 128, 8, 3)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=False, cfg=_c(64, 128, 128, 8, 3)),
+              dict(WGRAD="auto", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=False, cfg=_c(64, 128, 128, 8, 3)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=False, cfg=_c(64, 128, 128, 8, 5)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=True, cfg=_c(64, 128, 128, 8, 3)),
+              dict(WGRAD="auto", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=True, cfg=_c(64, 128, 128, 8, 3)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=False, WGRAD_PRESORT=True, cfg=_c(64, 128, 128, 8, 3)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=True, cfg=_c(64, 128, 128, 8, 4)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=True, cfg=_c(64, 256, 128, 8, 3)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=True, cfg=_c(64, 128, 256, 8, 3)),
+              dict(WGRAD="triton", WGRAD_SPLIT_DUAL=True, WGRAD_PRESORT=True, cfg=_c(128, 128, 128, 8, 3)),
+              dict(WGRAD="grouped_mm")],
 }
 
 
@@ -403,6 +491,16 @@ def _cfg_str(c):
         return "-"
     s = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
     return s + (" split" if c.get("SPLIT_DUAL") else "")
+
+
+def _knobs_str(knobs, cfg):
+    s = knobs["WGRAD"]
+    if knobs["WGRAD"] != "grouped_mm":
+        s += (" split" if knobs["WGRAD_SPLIT_DUAL"] else "") + (" presort" if knobs["WGRAD_PRESORT"] else "")
+        s += " " + _cfg_str(cfg)
+    if knobs["WGRAD"] != "triton" and knobs["WGRAD_GROUPED_T"]:
+        s += " X^T G"
+    return s
 
 
 def _plausible(err):
@@ -476,6 +574,7 @@ def _breakdown_shape(name, spec, T, tag, device, dtype, reps, all_variants, rows
             if not _plausible(res[-1]["err"]):
                 log(f"breakdown {tag} {piece} [{_cfg_str(cfg)}] disagrees with the first variant: not picked")
                 continue
+            VARIANT_MS.setdefault(kind, {}).setdefault(i, dict(setting=dict(cfg), ms={}))["ms"][tag] = ms
             if best is None or ms < best[0]:
                 best = (ms, cfg)
         set_cfg(kind, best[1] if best else variants[0])
@@ -505,12 +604,14 @@ def _breakdown_shape(name, spec, T, tag, device, dtype, reps, all_variants, rows
         t("bwd combine dx", "", lambda: tm.combine_triton(dx_sorted, plan.perm, None, dtype, top_k=K))
         best = {}
         refs = {}
-        default = (tm.WGRAD, tm.WGRAD_SPLIT_DUAL, tm.WGRAD_GROUPED_T)
-        wvariants = [v or default for v in BREAKDOWN_VARIANTS["wgrad"]] if all_variants else [default]
-        for knobs in wvariants:
-            backend, split, transposed = knobs
-            vname = backend + (" split" if split else "") + (" X^T G" if transposed else "")
-            tm.WGRAD, tm.WGRAD_SPLIT_DUAL, tm.WGRAD_GROUPED_T = knobs
+        default = dict(knobs={k: getattr(tm, k) for k in WGRAD_KNOBS}, cfg=dict(tm.GPU_CONFIG_WGRAD))
+        wvariants = [default] + [dict(knobs={**default["knobs"], **{k: v for k, v in var.items() if k != "cfg"}},
+                                      cfg=var.get("cfg", default["cfg"]))
+                                 for var in (BREAKDOWN_VARIANTS["wgrad"][1:] if all_variants else [])]
+        for i, var in enumerate(wvariants):
+            vname = _knobs_str(var["knobs"], var["cfg"])
+            set_knobs(var["knobs"])
+            set_cfg("wgrad", var["cfg"])
             fn_d = (lambda: tm._weight_gemm(plan, dout, act, (E, H, I), out_dtype=dtype, gather_g=True,
                                             row_scale=w_sorted))
             fn_gu = (lambda: tm._weight_gemm(plan, d_gate, x, (E, I, H), out_dtype=dtype, gather_x=True, g2=d_up))
@@ -527,12 +628,15 @@ def _breakdown_shape(name, spec, T, tag, device, dtype, reps, all_variants, rows
             except Exception as exc:
                 log(f"breakdown {tag} wgrad [{vname}] failed: {exc!r}"[:400])
                 continue
+            VARIANT_MS.setdefault("wgrad_knobs", {}).setdefault(i, dict(setting=var, ms={}))["ms"][tag] = total
             if not best or total < best["ms"]:
-                best = dict(ms=total, knobs=knobs, name=vname)
+                best = dict(ms=total, var=var, name=vname)
         del refs
-        tm.WGRAD, tm.WGRAD_SPLIT_DUAL, tm.WGRAD_GROUPED_T = best["knobs"]
+        set_knobs(best["var"]["knobs"])
+        set_cfg("wgrad", best["var"]["cfg"])
         best_all.setdefault(tag, {})["wgrad"] = best["name"]
-        tuned.setdefault(tag, {})["wgrad_backend"] = best["knobs"]
+        tuned.setdefault(tag, {})["knobs"] = dict(best["var"]["knobs"])
+        tuned[tag]["wgrad"] = dict(best["var"]["cfg"])
         del gate, up, act, y, d_gate, d_up, dx_sorted
     log(f"breakdown {tag} fastest: {best_all.get(tag)}")
     rows_out.append(dict(layer=name, T=T, pieces=res, best=best_all.get(tag)))
@@ -548,20 +652,29 @@ def _breakdown_report(rows_out, out_dir, tuned):
         for p in r["pieces"]:
             err = "" if p["err"] is None else f"{p['err']:.1e}"
             lines.append(f"| {r['layer']} | {r['T']} | {p['piece']} | {p['variant']} | {p['ms']:.3f} | {err} |")
-    lines += ["", "Fastest variant per kind (preset T of the layer benchmark in the same run):", "",
+    lines += ["", "Fastest variant per kind (preset T of the layer benchmark where the run times that preset):", "",
               "| layer | tokens | fastest variants |", "|---|---|---|"]
     for r in rows_out:
         lines.append(f"| {r['layer']} | {r['T']} | {r['best']} |")
     with open(os.path.join(out_dir, "breakdown.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    # per shape: each piece with the module's defaults, its first variant (the report's 'bound' column)
+    BREAKDOWN_MD[:] = lines[2:]
+    BREAKDOWN_ROWS[:] = rows_out
+    return tuned, breakdown_summary(rows_out)
+
+
+def breakdown_summary(rows_out, variant_of_piece=None):
+    """Per shape, each piece's ms under the module's defaults (the report's 'bound' column): the
+    variant named in variant_of_piece (the picked defaults), else the piece's first variant."""
+    variant_of_piece = variant_of_piece or {}
     summary = {}
     for r in rows_out:
         d = summary.setdefault(f"{r['layer']} T={r['T']}", {})
         for p in r["pieces"]:
-            d.setdefault(p["piece"], p["ms"])
-    return tuned, summary
+            if p["piece"] not in d or p["variant"] == variant_of_piece.get(p["piece"]):
+                d[p["piece"]] = p["ms"]
+    return summary
 
 
 # -------------------------------------------------------------------------------- main
@@ -697,6 +810,8 @@ def write_reports(results, out_dir):
             f"{k}: " + ", ".join(f"{p}={v:.2f}" for p, v in d.items()) for k, d in results["preset_sweep"].items())]
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
+    if BREAKDOWN_MD:
+        lines += ["", "## Per-kernel breakdown (same run)", ""] + BREAKDOWN_MD
     with open(os.path.join(out_dir, "gpu_moe_layer.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -737,7 +852,7 @@ def main():
     ap.add_argument("--tokens", default="4096,16384")
     ap.add_argument("--layers", default=",".join(LAYERS))
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--loop-reps", type=int, default=3)
+    ap.add_argument("--loop-reps", type=int, default=3, help="0: leave the per-expert loop out")
     ap.add_argument("--presets", default="A,B,C")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--checks-only", action="store_true")
@@ -748,6 +863,10 @@ def main():
     ap.add_argument("--breakdown-reps", type=int, default=5)
     ap.add_argument("--breakdown-budget-s", type=float, default=300.0,
                     help="shapes left when the breakdown has run this long are skipped")
+    ap.add_argument("--pick-defaults", action="store_true",
+                    help="with --breakdown: the variant of each kind fastest across the shapes (geometric mean, "
+                         "at least 2%% faster) becomes the module's default in this process (preset A); the "
+                         "picks are logged and saved in the json, to be written into triton_moe.py")
     ap.add_argument("--breakdown-defaults", action="store_true",
                     help="with --breakdown: time only the module's default block shapes")
     args = ap.parse_args()
@@ -781,6 +900,16 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results["tuned"] = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in TUNED.items()}
+        results["breakdown_variants"] = {k: {str(i): v for i, v in d.items()} for k, d in VARIANT_MS.items()}
+        if args.pick_defaults:
+            set_preset("A")
+            picks = pick_defaults()
+            results["picked_defaults"] = {k: dict(setting=v[0], geomean_vs_default=v[1], variant=v[2])
+                                          for k, v in picks.items()}
+            note_picks(results["picked_defaults"])
+            results["breakdown"] = breakdown_summary(BREAKDOWN_ROWS, {
+                piece: v[2] for k, v in picks.items() for piece in KIND_PIECES[k]})
+            log(f"picked defaults: {results['picked_defaults']}")
         if args.breakdown_only:
             with open(os.path.join(args.out, "gpu_moe_layer.log"), "w") as f:
                 f.write("\n".join(LOG) + "\n")
@@ -795,7 +924,7 @@ def main():
                 if device.type == "cuda":
                     set_preset(presets[0], tag)
                 layer = Layer(spec, T, device, dtype)
-                impls = ["triton", "grouped_mm", "loop"]
+                impls = ["triton", "grouped_mm"] + (["loop"] if args.loop_reps > 0 else [])
                 t0 = time.perf_counter()
                 corr = check_layer(layer, impls, device)
                 corr.update(layer=name, T=T)
@@ -829,8 +958,9 @@ def main():
                 log(f"grouped_mm {tag}: {row['grouped_mm']}")
                 row["ceiling"] = bench_ceiling(layer, device, args.reps, 3)
                 log(f"ceiling {tag}: {row['ceiling']}")
-                row["loop"] = bench_layer(layer, "loop", device, args.loop_reps, 1)
-                log(f"loop {tag}: {row['loop']}")
+                if args.loop_reps > 0:
+                    row["loop"] = bench_layer(layer, "loop", device, args.loop_reps, 1)
+                    log(f"loop {tag}: {row['loop']}")
                 results["timings"].append(row)
                 del layer
             except Exception as exc:  # keep the rest of the run
@@ -842,6 +972,8 @@ def main():
 
     if not args.skip_checks:
         try:
+            if device.type == "cuda":
+                set_preset("A")  # the layer loop leaves the last preset set; the checks are of the defaults
             run_checks(device, args.out, results)
         except Exception as exc:
             results["errors"].append(f"checks: {exc!r}")

@@ -8,14 +8,14 @@ What is notable:
 - Routing is one kernel: scores, selection-only bias, group-limited masking and the
   iterative top-k all happen in registers, in fp32, for a block of tokens. Ties go to the
   lower expert index.
-- Permutation is a stable counting sort in two kernels (per-block histogram, then per-block
-  rank), with a tiny torch cumsum in between; nothing syncs with the host.
+- Permutation is a stable counting sort in three kernels (per-block histogram, per-expert
+  prefix sum, per-block rank and scatter); nothing syncs with the host.
 - The grouped GEMMs never materialise a permuted copy of x or of the output gradient: the A
   operand is gathered row by row from the token it belongs to ("fused permutation"). The
   gate and up projections share one kernel with SwiGLU in its epilogue ("fused activation"),
   and the backward of SwiGLU sits in the epilogue of the down-projection's data gradient.
 - Work is split into row tiles that never straddle two experts. The tile -> (expert, rows)
-  map is built on the device with `searchsorted` over an upper bound of the tile count
+  map is built on the device by one kernel over an upper bound of the tile count
   (ceil(S / BLOCK_M) + E), so launches need no host sync; surplus programs return at once.
 - The top-k combine (forward) and its backward (router-weight gradient) accumulate in fp32.
 - Weight gradients of experts that got no rows are written as exact zeros.
@@ -147,16 +147,46 @@ def route_triton(
 
 
 # ======================================================================== permutation
+#
+# A stable counting sort in four launches (a zero fill, then three kernels) instead of a chain
+# of small torch ops: with the tile map, about 35 launches took 0.9 ms at 16k tokens on the H200,
+# six take 0.2-0.3 ms; none of them has work enough to hide its launch.
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, S, E, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, totals_ptr, S, E, n_blocks,
+                  BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    # counts[e, b] = slots of block b routed to expert e; totals[e] += that (totals start at 0)
     b = tl.program_id(0)
     slots = b * BLOCK_S + tl.arange(0, BLOCK_S)
     ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1)
     experts = tl.arange(0, BLOCK_E)
     counts = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.store(counts_ptr + b.to(tl.int64) * E + experts, counts, mask=experts < E)
+    e_ok = experts < E
+    tl.store(counts_ptr + experts.to(tl.int64) * n_blocks + b, counts, mask=e_ok)
+    tl.atomic_add(totals_ptr + experts, counts, mask=e_ok & (counts > 0))
+
+
+@triton.jit
+def _prefix_kernel(counts_ptr, totals_ptr, base_ptr, tokens_per_expert_ptr, offsets_ptr, E, n_blocks,
+                   BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    # one program per expert: base[e, b] = first sorted row of expert e's slots in block b
+    e = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    totals = tl.load(totals_ptr + experts, mask=experts < E, other=0).to(tl.int64)
+    before = tl.sum(tl.where(experts < e, totals, 0), axis=0)
+    count = tl.sum(tl.where(experts == e, totals, 0), axis=0)
+    tl.store(tokens_per_expert_ptr + e, count)
+    tl.store(offsets_ptr + e + 1, before + count)
+    if e == 0:
+        tl.store(offsets_ptr, tl.zeros([], tl.int64))
+    row = before
+    for b0 in range(0, n_blocks, BLOCK_B):
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        b_ok = blocks < n_blocks
+        c = tl.load(counts_ptr + e * n_blocks + blocks, mask=b_ok, other=0).to(tl.int64)
+        tl.store(base_ptr + e * n_blocks + blocks, row + tl.cumsum(c, axis=0) - c, mask=b_ok)
+        row += tl.sum(c, axis=0)
 
 
 @triton.jit
@@ -182,25 +212,39 @@ def permute_triton(indices_TK: torch.Tensor, num_experts: int) -> Permutation:
     ids = indices_TK.reshape(-1).contiguous()
     S, E = ids.numel(), num_experts
     block_s = 16 if INTERPRET else 128
+    block_e = triton.next_power_of_2(E)
     n_blocks = max(1, triton.cdiv(S, block_s))
-    counts_BE = _alloc.empty((n_blocks, E), dtype=torch.int32, device=device)
+    counts_EB = _alloc.empty((E, n_blocks), dtype=torch.int32, device=device)
+    totals = torch.zeros(E, dtype=torch.int32, device=device)
+    base_EB = _alloc.empty((E, n_blocks), dtype=torch.int64, device=device)
+    tokens_per_expert = _alloc.empty((E,), dtype=torch.int64, device=device)
+    offsets = _alloc.empty((E + 1,), dtype=torch.int64, device=device)
     slot_rows = _alloc.empty((S,), dtype=torch.int64, device=device)
     sorted_slots = _alloc.empty((S,), dtype=torch.int64, device=device)
-    _count_kernel[(n_blocks,)](ids, counts_BE, S, E, BLOCK_S=block_s,
-                               BLOCK_E=triton.next_power_of_2(E))
-    # base[e, b] = first sorted row of expert e's slots that live in block b
-    counts_EB = counts_BE.t().reshape(-1).to(torch.int64)
-    base_EB = (torch.cumsum(counts_EB, 0) - counts_EB).view(E, n_blocks)
-    tokens_per_expert = counts_BE.sum(0, dtype=torch.int64)
-    offsets = torch.zeros(E + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(tokens_per_expert, 0)
+    _count_kernel[(n_blocks,)](ids, counts_EB, totals, S, E, n_blocks, BLOCK_S=block_s, BLOCK_E=block_e)
+    _prefix_kernel[(E,)](counts_EB, totals, base_EB, tokens_per_expert, offsets, E, n_blocks,
+                         BLOCK_E=block_e, BLOCK_B=min(1024, triton.next_power_of_2(n_blocks)))
     if S > 0:
-        _scatter_kernel[(n_blocks,)](ids, base_EB.contiguous(), slot_rows, sorted_slots,
-                                     S, n_blocks, BLOCK_S=block_s)
+        _scatter_kernel[(n_blocks,)](ids, base_EB, slot_rows, sorted_slots, S, n_blocks, BLOCK_S=block_s)
     return Permutation(tokens_per_expert, offsets, sorted_slots, slot_rows)
 
 
 # ============================================================================ combine
+
+
+@triton.jit
+def _scaled_rows(src_ptr, idx_ptr, scale_ptr, at, at_ok, cols, mask, stride_src,
+                 GATHER: tl.constexpr, SCALE: tl.constexpr):
+    """fp32 [len(at), len(cols)] block of scale[at] * src[idx[at]] (src[at] without GATHER,
+    unscaled without SCALE): the row loop shared by the combine and the gather kernels."""
+    if GATHER:
+        src_rows = tl.load(idx_ptr + at, mask=at_ok, other=0).to(tl.int64)
+    else:
+        src_rows = at
+    v = tl.load(src_ptr + src_rows[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SCALE:
+        v = v * tl.load(scale_ptr + at, mask=at_ok, other=0.0).to(tl.float32)[:, None]
+    return v
 
 
 @triton.jit
@@ -214,12 +258,8 @@ def _combine_kernel(
     mask = t_ok[:, None] & (cols < H)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
     for k in tl.static_range(TOP_K):
-        rows = tl.load(slot_rows_ptr + tokens * TOP_K + k, mask=t_ok, other=0)
-        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
-        y = y.to(tl.float32)
-        if HAS_WEIGHTS:
-            y = y * tl.load(weights_ptr + tokens * TOP_K + k, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-        acc += y
+        acc += _scaled_rows(y_ptr, slot_rows_ptr, weights_ptr, tokens * TOP_K + k, t_ok, cols, mask,
+                            stride_y, True, HAS_WEIGHTS)
     tl.store(out_ptr + tokens[:, None] * stride_out + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -271,26 +311,53 @@ def _weight_grad_kernel(
 # ====================================================================== grouped GEMMs
 
 
+@triton.jit
+def _tile_map_kernel(offsets_ptr, expert_ptr, start_ptr, end_ptr, E, max_tiles, block_m,
+                     BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    # program e < E writes expert e's tiles; program E marks the surplus tiles empty
+    pid = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    e_ok = experts < E
+    lo = tl.load(offsets_ptr + experts, mask=e_ok, other=0)
+    hi = tl.load(offsets_ptr + experts + 1, mask=e_ok, other=0)
+    tiles = (hi - lo + block_m - 1) // block_m
+    first = tl.sum(tl.where(experts < pid, tiles, 0), axis=0)
+    ts0 = tl.arange(0, BLOCK_T)
+    if pid < E:
+        n_tiles = tl.sum(tl.where(experts == pid, tiles, 0), axis=0)
+        row0 = tl.load(offsets_ptr + pid)
+        row_end = tl.load(offsets_ptr + pid + 1)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            ts = t0 + ts0
+            ok = (ts < n_tiles) & (first + ts < max_tiles)
+            start = row0 + ts * block_m
+            tl.store(expert_ptr + first + ts, tl.full([BLOCK_T], 0, tl.int32) + pid, mask=ok)
+            tl.store(start_ptr + first + ts, start, mask=ok)
+            tl.store(end_ptr + first + ts, tl.minimum(start + block_m, row_end), mask=ok)
+    else:
+        for t0 in range(first, max_tiles, BLOCK_T):
+            ts = t0 + ts0
+            ok = ts < max_tiles
+            tl.store(expert_ptr + ts, tl.full([BLOCK_T], 0, tl.int32) + (E - 1), mask=ok)
+            tl.store(start_ptr + ts, tl.zeros([BLOCK_T], tl.int64), mask=ok)
+            tl.store(end_ptr + ts, tl.zeros([BLOCK_T], tl.int64), mask=ok)
+
+
 def _tile_map(offsets: torch.Tensor, num_rows: int, block_m: int):
-    """Row tiles that never straddle two experts, built on the device without a host sync.
+    """Row tiles that never straddle two experts, built on the device in one launch, no host sync.
 
     Returns (tile_expert, tile_start, tile_end) of length ceil(S/BLOCK_M) + E, an upper bound
     of the real tile count; surplus tiles get start == end and their programs return at once.
     """
     E = offsets.numel() - 1
-    counts = offsets[1:] - offsets[:-1]
-    tiles = (counts + block_m - 1) // block_m
-    last_tile = torch.cumsum(tiles, 0)
     max_tiles = triton.cdiv(num_rows, block_m) + E
-    tid = torch.arange(max_tiles, device=offsets.device, dtype=torch.int64)
-    expert = torch.searchsorted(last_tile, tid, right=True)
-    real = expert < E
-    e = expert.clamp(max=E - 1)
-    start = offsets[e] + (tid - (last_tile[e] - tiles[e])) * block_m
-    end = torch.minimum(start + block_m, offsets[e + 1])
-    start = torch.where(real, start, 0)
-    end = torch.where(real, end, 0)
-    return e.to(torch.int32), start, end
+    dev = offsets.device
+    expert = _alloc.empty((max_tiles,), dtype=torch.int32, device=dev)
+    start = _alloc.empty((max_tiles,), dtype=torch.int64, device=dev)
+    end = _alloc.empty((max_tiles,), dtype=torch.int64, device=dev)
+    _tile_map_kernel[(E + 1,)](offsets, expert, start, end, E, max_tiles, block_m,
+                               BLOCK_E=triton.next_power_of_2(E), BLOCK_T=256)
+    return expert, start, end
 
 
 @triton.jit
@@ -425,16 +492,17 @@ def _rows_gemm_kernel(
 
 @triton.jit
 def _weight_gemm_kernel(
-    g_ptr, g2_ptr, x_ptr, g_row_token_ptr, x_row_token_ptr, row_scale_ptr,
+    g_ptr, g2_ptr, x_ptr, g_row_token_ptr, x_row_token_ptr,
     dw_ptr, dw2_ptr, offsets_ptr, N, K, stride_g, stride_x,
-    GATHER_G: tl.constexpr, GATHER_X: tl.constexpr, SCALE_ROWS: tl.constexpr,
-    DUAL: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER_G: tl.constexpr, GATHER_X: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW[e, n, k] = sum over rows r of expert e of scale[r] * G[src_g(r), n] * X[src_x(r), k].
+    """dW[e, n, k] = sum over rows r of expert e of G[src_g(r), n] * X[src_x(r), k].
 
     One program per (expert, n tile, k tile); it walks the expert's rows. Experts with no
-    rows store zeros, so their gradient is exactly zero.
+    rows store zeros, so their gradient is exactly zero. A row scale is folded into an operand
+    beforehand (_wgrad_operands) rather than applied to a tile inside the loop, where the tile
+    would have to pass through registers on its way to the tensor cores.
     """
     pid = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
@@ -463,9 +531,6 @@ def _weight_gemm_kernel(
         g_off = g_src[:, None].to(tl.int64) * stride_g + ns[None, :]
         g_mask = row_ok[:, None] & n_ok[None, :]
         g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0)
-        if SCALE_ROWS:
-            scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            g = (g.to(tl.float32) * scale[:, None]).to(x.dtype)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         if DUAL:
             g2 = tl.load(g2_ptr + g_off, mask=g_mask, other=0.0)
@@ -483,32 +548,43 @@ def _weight_gemm_kernel(
 # Each GEMM kind has its own row tile (BLOCK_M); a plan builds one tile map per BLOCK_M used.
 # (forward down projection: 128x256 beat 128x128 on 3 of 4 benchmark shapes, tied on the 4th)
 GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-GPU_CONFIG_GATE_UP = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# (gate/up: 128x128 beat 128x64 on DeepSeek-V3, 15.9 vs 17.0 ms at 16k tokens and 4.70 vs 5.06 at 4k,
+# and lost 1-3% on Qwen3, H200 2026-12-02 16:05)
+GPU_CONFIG_GATE_UP = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 # backward: d act = w * dout[tok] @ w_down (SwiGLU backward in the epilogue), and
 # d x_sorted = d gate @ w_gate + d up @ w_up (SPLIT_DUAL: the two products one after the other)
 GPU_CONFIG_DGRAD_ACT = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 GPU_CONFIG_DGRAD_X = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
                           SPLIT_DUAL=True)
-GPU_CONFIG_WGRAD = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+# weight gradients (BLOCK_M is the reduction step over an expert's rows): of five tile shapes on
+# presorted operands, 64x128x256 was the fastest at 16k tokens (all three weight gradients:
+# DeepSeek-V3 25.7 vs 30.2 ms for 64x128x128, Qwen3 2.72 vs 3.15) and tied at 4k (same run)
+GPU_CONFIG_WGRAD = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=3)
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
 INTERPRET_CONFIG_WGRAD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
 # Weight gradients: "triton" (_weight_gemm_kernel), "grouped_mm" (torch._grouped_mm over the
 # sorted rows, CUDA bf16 only) or "auto": Triton for gate/up, and for down too unless the experts
-# average WGRAD_GROUPED_MIN_ROWS rows or more, where torch._grouped_mm's long-reduction kernels
-# win (H200, benchmarks/results/gpu_moe_layer.md: w_down's gradient on DeepSeek-V3 at 16k tokens,
-# 512 rows/expert, 18.0 vs 22.3 ms; at 4k, 128 rows/expert, 13.0 vs 8.5 ms; w_gate+w_up's 26-34 ms
-# on torch._grouped_mm against 10-26 ms on Triton at every shape). MOE_TRITON_WGRAD overrides WGRAD.
-WGRAD = "auto"
+# average WGRAD_GROUPED_MIN_ROWS rows or more. torch._grouped_mm used to win w_down's gradient at
+# 512 rows/expert; with the row scale folded in before the GEMM and the operands presorted, Triton
+# wins every weight gradient at every benchmark shape (H200, same run: DeepSeek-V3 at 16k tokens,
+# w_down 8.6 vs 17.9 ms, w_gate+w_up 17.1 vs 34.4). MOE_TRITON_WGRAD overrides WGRAD.
+WGRAD = "triton"
 WGRAD_GROUPED_MIN_ROWS = 512
 # torch._grouped_mm orientation: dW = G^T X (False) or dW = (X^T G)^T, the orientation autograd
 # uses for torch._grouped_mm's own weight gradient (True; returns a transposed view, which made
 # the whole layer's backward 1.4-3.5x slower on the H200)
 WGRAD_GROUPED_T = False
 # Triton weight gradients of gate and up: one launch with two accumulators (False) or two launches
-# (True: faster kernel-alone on the H200, e.g. 22.6 vs 26.0 ms on DeepSeek-V3 at 16k tokens, not yet
-# measured end to end)
-WGRAD_SPLIT_DUAL = False
-
+# (True). Two 128x256 fp32 accumulators would take 256 registers a thread (the limit is 255), so the
+# 64x128x256 tile needs two launches; at 64x128x128 on presorted operands one launch was faster (DeepSeek-V3
+# at 16k tokens: 18.7 vs 20.2 ms), but slower than two launches at 64x128x256 (17.1)
+WGRAD_SPLIT_DUAL = True
+# Gather the token-indexed operand of a Triton weight gradient into sorted order first (one pass over
+# S rows) instead of in the GEMM's loop: a row index loaded in the loop caps Triton's software
+# pipeline at two buffers whatever num_stages says (TTGIR of triton 3.6 for sm_90). The pass costs
+# less than it saves (DeepSeek-V3 at 16k tokens, 64x128x128 tiles: w_down 9.9 vs 11.2 ms, w_gate+w_up
+# 20.2 vs 22.6), and the presorted operands allow the wider 64x128x256 tile above.
+WGRAD_PRESORT = True
 
 def _cfg(kind: str, dtype: torch.dtype) -> dict:
     if INTERPRET:
@@ -609,13 +685,7 @@ def _gather_rows_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     r_ok = rows < R
     mask = r_ok[:, None] & (cols < C)[None, :]
-    if GATHER:
-        src_rows = tl.load(idx_ptr + rows, mask=r_ok, other=0).to(tl.int64)
-    else:
-        src_rows = rows
-    v = tl.load(src_ptr + src_rows[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
-    if SCALE:
-        v = v.to(tl.float32) * tl.load(scale_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    v = _scaled_rows(src_ptr, idx_ptr, scale_ptr, rows, r_ok, cols, mask, stride_src, GATHER, SCALE)
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -635,27 +705,39 @@ def _gather_rows(src, idx, scale):
     return out
 
 
-def _grouped_wgrad(plan, g, x, *, out_dtype, gather_g, gather_x, row_scale, g2):
-    """The weight gradients on torch._grouped_mm (ragged over the sorted rows), for CUDA bf16.
+def _wgrad_operands(plan, g, x, *, gather_g, gather_x, row_scale, g2, presort):
+    """(g, x, gather_g, gather_x) after the passes the weight GEMM wants over its operands first.
 
-    Operands are gathered into sorted order in one pass each; the row scale goes onto whichever
-    operand has fewer columns (one rounding to bf16 of an fp32 product either way). Empty
-    experts are zeroed with a device-side mask fill (no host sync)."""
+    The row scale is folded into one operand: the one that gets a pass anyway, else the one
+    with fewer columns (one rounding to bf16 of an fp32 product either way), never g when a
+    second g shares x. With presort, operands still indexed by token are gathered into sorted
+    order (torch._grouped_mm needs that; the Triton kernel pipelines deeper without a gather)."""
     rows = plan.row_token
-    scale_g = row_scale is not None and g2 is None and g.shape[1] < x.shape[1]
+    pass_g, pass_x = presort and gather_g, presort and gather_x
+    scale_g = row_scale is not None and g2 is None and (
+        (pass_g and not pass_x) or (pass_g == pass_x and g.shape[1] < x.shape[1]))
     scale_x = row_scale is not None and not scale_g
-    G = _gather_rows(g, rows if gather_g else None, row_scale if scale_g else None) \
-        if (gather_g or scale_g) else g
-    X = _gather_rows(x, rows if gather_x else None, row_scale if scale_x else None) \
-        if (gather_x or scale_x) else x
+    if pass_g or scale_g:
+        g = _gather_rows(g, rows if gather_g else None, row_scale if scale_g else None)
+        gather_g = False
+    if pass_x or scale_x:
+        x = _gather_rows(x, rows if gather_x else None, row_scale if scale_x else None)
+        gather_x = False
+    return g, x, gather_g, gather_x
+
+
+def _grouped_wgrad(plan, g, x, *, out_dtype, g2):
+    """The weight gradients on torch._grouped_mm (ragged over the sorted rows), for CUDA bf16,
+    from operands in sorted order. Empty experts are zeroed with a device-side mask fill (no
+    host sync)."""
     offs = plan.perm.offsets[1:].to(torch.int32)
     empty = (plan.perm.tokens_per_expert == 0)[:, None, None]  # an empty group's output is not promised
     outs = []
-    for grad in (G, g2) if g2 is not None else (G,):
+    for grad in (g, g2) if g2 is not None else (g,):
         if WGRAD_GROUPED_T:
-            dw = torch._grouped_mm(X.t(), grad, offs=offs).transpose(1, 2)
+            dw = torch._grouped_mm(x.t(), grad, offs=offs).transpose(1, 2)
         else:
-            dw = torch._grouped_mm(grad.t(), X, offs=offs)
+            dw = torch._grouped_mm(grad.t(), x, offs=offs)
         if dw.dtype != out_dtype:
             dw = dw.to(out_dtype)
         outs.append(dw.masked_fill_(empty, 0))
@@ -674,21 +756,22 @@ def _wgrad_backend(plan, x, which) -> str:
 
 def _weight_gemm(plan, g, x, out_shape, *, out_dtype, gather_g=False, gather_x=False,
                  row_scale=None, g2=None):
-    if _wgrad_backend(plan, x, "gate_up" if g2 is not None else "down") == "grouped_mm":
+    grouped = _wgrad_backend(plan, x, "gate_up" if g2 is not None else "down") == "grouped_mm"
+    g, x, gather_g, gather_x = _wgrad_operands(
+        plan, g, x, gather_g=gather_g, gather_x=gather_x, row_scale=row_scale, g2=g2,
+        presort=grouped or (WGRAD_PRESORT and not INTERPRET))
+    if grouped:
         try:
-            return _grouped_wgrad(plan, g, x, out_dtype=out_dtype, gather_g=gather_g, gather_x=gather_x,
-                                  row_scale=row_scale, g2=g2)
+            return _grouped_wgrad(plan, g, x, out_dtype=out_dtype, g2=g2)
         except RuntimeError:  # alignment or an older torch: the Triton kernel computes it
             pass
+    kw = dict(out_dtype=out_dtype, gather_g=gather_g, gather_x=gather_x)
     if g2 is not None and WGRAD_SPLIT_DUAL and not INTERPRET:
-        kw = dict(out_dtype=out_dtype, gather_g=gather_g, gather_x=gather_x, row_scale=row_scale)
         return (_triton_wgrad(plan, g, x, out_shape, **kw), _triton_wgrad(plan, g2, x, out_shape, **kw))
-    return _triton_wgrad(plan, g, x, out_shape, out_dtype=out_dtype, gather_g=gather_g,
-                         gather_x=gather_x, row_scale=row_scale, g2=g2)
+    return _triton_wgrad(plan, g, x, out_shape, g2=g2, **kw)
 
 
-def _triton_wgrad(plan, g, x, out_shape, *, out_dtype, gather_g=False, gather_x=False,
-                  row_scale=None, g2=None):
+def _triton_wgrad(plan, g, x, out_shape, *, out_dtype, gather_g=False, gather_x=False, g2=None):
     cfg = _cfg("wgrad", x.dtype)
     E, N, K = out_shape
     dw = _alloc.empty(out_shape, dtype=out_dtype, device=x.device)
@@ -696,10 +779,8 @@ def _triton_wgrad(plan, g, x, out_shape, *, out_dtype, gather_g=False, gather_x=
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(K, cfg["BLOCK_K"]), E)
     _weight_gemm_kernel[grid](
         g, g2 if g2 is not None else g, x, plan.row_token, plan.row_token,
-        row_scale if row_scale is not None else g, dw, dw2, plan.perm.offsets,
-        N, K, g.stride(0), x.stride(0),
-        GATHER_G=gather_g, GATHER_X=gather_x, SCALE_ROWS=row_scale is not None,
-        DUAL=g2 is not None, PRECISION=_precision(x.dtype), **cfg,
+        dw, dw2, plan.perm.offsets, N, K, g.stride(0), x.stride(0),
+        GATHER_G=gather_g, GATHER_X=gather_x, DUAL=g2 is not None, PRECISION=_precision(x.dtype), **cfg,
     )
     return (dw, dw2) if g2 is not None else dw
 
